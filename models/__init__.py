@@ -1,0 +1,1 @@
+"""UNETR construction, presets and checkpoint loading (installed as tsvd.models)."""

