@@ -140,7 +140,7 @@ def tsvd(X: torch.Tensor, k: int | None = None, *, transform="fft", method: str 
     check_tensor("X", X, finite=True)
     n3, n1, n2 = X.shape[-3:]
     if k is not None:
-        check_rank("k", k, n1, n2)
+        k = check_rank("k", k, n1, n2)
     if method not in ("auto", "full", "randomized"):
         raise ValueError(f"method: expected 'auto', 'full' or 'randomized', got {method!r}")
     tr = _transform(transform, n3)
@@ -262,7 +262,8 @@ def tubal_rank(X: torch.Tensor, tol: float | None = None, *, transform="fft") ->
     """Tubal rank (Lu's ``tubalrank``): the number of singular tubes whose first entry
     exceeds ``tol`` (default ``max(n1, n2) * eps(largest)``). int64, shape ``(...)``."""
     check_tensor("X", X, finite=True)
-    if tol is not None and (not isinstance(tol, (int, float)) or tol < 0):
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float))
+                            or not tol >= 0):          # `not >=` also rejects NaN
         raise ValueError(f"tol: expected a non-negative number or None, got {tol!r}")
     tr = _transform(transform, X.shape[-3])
     return ref.tubal_rank(_cast(X, compute_dtype(X)), tol, tr)
@@ -273,7 +274,7 @@ def prox_tnn(X: torch.Tensor, rho: float, *, transform="fft") -> torch.Tensor:
     ``argmin_Y rho * tnn(Y) + ½‖Y - X‖_F²``; every transform-domain singular value is
     shrunk by ``rho``. Same shape as X."""
     check_tensor("X", X, finite=True)
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or rho < 0:
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 0:  # and NaN
         raise ValueError(f"rho: expected a non-negative number, got {rho!r}")
     tr = _transform(transform, X.shape[-3])
     return _cast(ref.prox_tnn(_cast(X, compute_dtype(X)), float(rho), tr), X.dtype)
@@ -290,4 +291,9 @@ def fdiag(S: torch.Tensor, n1: int | None = None, n2: int | None = None) -> torc
     """f-diagonal tensor from diagonal tubes: ``(..., n3, k) -> (..., n3, n1, n2)``
     (square ``k x k`` slices by default)."""
     check_tensor("S", S, min_dim=2)
+    k = S.shape[-1]
+    for name, v in (("n1", n1), ("n2", n2)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < k):
+            raise ValueError(f"{name}: expected an int >= k = {k} (the number of diagonal "
+                             f"tubes), got {v!r}")
     return ref.fdiag(S, n1, n2)

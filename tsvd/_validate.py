@@ -5,6 +5,8 @@ and says what was expected.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -67,8 +69,9 @@ def result_dtype(*tensors) -> torch.dtype:
 
 
 def check_rank(name: str, k, n1: int, n2: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, int):
+    """``k`` must be an integer (Python or numpy, not bool) in ``1..min(n1, n2)``."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"{name}: expected an int in 1..min(n1, n2) = 1..{min(n1, n2)}, got {k!r}")
     if not 1 <= k <= min(n1, n2):
         raise ValueError(f"{name}: expected 1 <= {name} <= min(n1, n2) = {min(n1, n2)}, got {k}")
-    return k
+    return int(k)
