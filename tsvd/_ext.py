@@ -1,19 +1,193 @@
-"""Loader of the compiled extension ``tsvd._C`` (filled in by the extension work)."""
+"""Loader of the compiled extension ``tsvd._C`` and Python glue of its operators.
+
+Importing ``tsvd._C`` registers the operators ``torch.ops.tsvd.*`` (schemas in
+``csrc/ops.cpp``; CPU kernels in ``csrc/cpu/``, CUDA kernels in ``csrc/cuda/``). This
+module adds what is best written in Python: fake (meta) kernels for ``torch.compile``
+and ``torch.library.opcheck``, and the autograd formulas. All ops take the batch
+flattened to one leading dim ``B`` (``tsvd._api`` does the flattening):
+
+* ``treconstruct(U (B,n3,n1,r), S (B,n3,r), V (B,n3,n2,r), residual (B,n3,n1,n2) | None)``
+  -> ``(B,n3,n1,n2)`` = residual + U * fdiag(S) * Vᵀ (t-products).
+* ``treconstruct_backward(grad, U, S, V)`` -> ``(grad_U, grad_S, grad_V)``.
+* ``tprod(A (B,n3,n1,n2), B (B,n3,n2,n4))`` -> ``(B,n3,n1,n4)``.
+* ``tube_rfft(X (B,n3,n1,n2))`` -> complex ``(B,n3//2+1,n1,n2)`` (``torch.fft.rfft(X, dim=1)``).
+* ``tube_irfft(Xh (B,nf,n1,n2), n3)`` -> real ``(B,n3,n1,n2)`` (``torch.fft.irfft(Xh, n=n3, dim=1)``).
+
+Importing this module never fails when ``_C`` is missing or broken: :func:`available`
+then answers False and :func:`build_info` says why.
+"""
 from __future__ import annotations
 
 import torch
 
 try:
-    from . import _C  # noqa: F401
+    from . import _C  # noqa: F401  (registers torch.ops.tsvd.*)
     _ERR = None
-except ImportError as e:  # not built
+except Exception as e:  # not built, or built against another torch
     _C = None
     _ERR = e
 
+__all__ = ["available", "build_info", "treconstruct", "treconstruct_backward", "tprod",
+           "tube_rfft", "tube_irfft"]
 
-def available(device: torch.device) -> bool:
+
+def available(device) -> bool:
+    """True when ``tsvd._C`` is loaded and has kernels for ``device``."""
+    if _C is None:
+        return False
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return True
+    if dev.type == "cuda":
+        return bool(_C.has_cuda()) and torch.cuda.is_available()
     return False
 
 
 def build_info() -> dict:
-    return {"built": _C is not None, "error": None if _ERR is None else str(_ERR)}
+    """How the extension was built: ``built``, ``with_cuda``, ``error`` (why it did not
+    load), ``openmp``, ``threads``, ``simd``, ``compiler``, ``parallel_info``."""
+    if _C is None:
+        return {"built": False, "with_cuda": False,
+                "error": f"{type(_ERR).__name__}: {_ERR}" if _ERR is not None else None}
+    return {"built": True, "with_cuda": bool(_C.has_cuda()), "error": None,
+            "openmp": bool(getattr(_C, "openmp", False)), "threads": int(_C.num_threads()),
+            "simd": getattr(_C, "simd", None), "compiler": getattr(_C, "compiler", None),
+            "parallel_info": _C.parallel_info(), "path": getattr(_C, "__file__", None)}
+
+
+# --------------------------------------------------------------------------------------
+# Python entry points used by tsvd._api
+# --------------------------------------------------------------------------------------
+def treconstruct(U, S, V, residual=None):
+    """``residual + U * fdiag(S) * Vᵀ``; U ``(B,n3,n1,r)``, S ``(B,n3,r)``, V ``(B,n3,n2,r)``."""
+    return torch.ops.tsvd.treconstruct(U, S, V, residual)
+
+
+def treconstruct_backward(grad, U, S, V):
+    return torch.ops.tsvd.treconstruct_backward(grad, U, S, V)
+
+
+def tprod(A, B):
+    """t-product ``(B,n3,n1,n2) x (B,n3,n2,n4) -> (B,n3,n1,n4)``."""
+    return torch.ops.tsvd.tprod(A, B)
+
+
+def tube_rfft(X):
+    """``torch.fft.rfft(X, dim=1)`` for ``X (B,n3,n1,n2)``."""
+    return torch.ops.tsvd.tube_rfft(X)
+
+
+def tube_irfft(Xh, n3: int):
+    """``torch.fft.irfft(Xh, n=n3, dim=1)`` for ``Xh (B,n3//2+1,n1,n2)``."""
+    return torch.ops.tsvd.tube_irfft(Xh, n3)
+
+
+# --------------------------------------------------------------------------------------
+# fake kernels and autograd (registered once, only when _C loaded)
+# --------------------------------------------------------------------------------------
+def _complex_of(dt):
+    return torch.complex128 if dt == torch.float64 else torch.complex64
+
+
+def _real_of(dt):
+    return torch.float64 if dt == torch.complex128 else torch.float32
+
+
+def _half_weights(n3: int, nf: int, dtype, device):
+    """Multiplicity of each stored frequency in the full spectrum, ``(nf,)``."""
+    w = torch.full((nf,), 2.0, dtype=dtype, device=device)
+    w[0] = 1.0
+    if n3 % 2 == 0:
+        w[-1] = 1.0
+    return w
+
+
+def _ttranspose(a):
+    """t-transpose of ``(B,n3,n1,n2)``: slice 0 transposed, the rest transposed and reversed."""
+    return torch.cat([a[:, :1], a[:, 1:].flip(1)], dim=1).transpose(-1, -2)
+
+
+def _register():
+    lib = torch.library
+
+    @lib.register_fake("tsvd::treconstruct")
+    def _(U, S, V, residual):
+        torch._check(U.dim() == 4 and S.dim() == 3 and V.dim() == 4,
+                     lambda: "tsvd::treconstruct: U, S, V must be 4-d, 3-d, 4-d")
+        B, n3, n1, _r = U.shape
+        return U.new_empty((B, n3, n1, V.shape[2]))
+
+    @lib.register_fake("tsvd::treconstruct_backward")
+    def _(grad, U, S, V):
+        return torch.empty_like(U, memory_format=torch.contiguous_format), \
+            torch.empty_like(S, memory_format=torch.contiguous_format), \
+            torch.empty_like(V, memory_format=torch.contiguous_format)
+
+    @lib.register_fake("tsvd::tprod")
+    def _(A, B):
+        return A.new_empty((A.shape[0], A.shape[1], A.shape[2], B.shape[3]))
+
+    @lib.register_fake("tsvd::tube_rfft")
+    def _(X):
+        return X.new_empty((X.shape[0], X.shape[1] // 2 + 1, X.shape[2], X.shape[3]),
+                           dtype=_complex_of(X.dtype))
+
+    @lib.register_fake("tsvd::tube_irfft")
+    def _(Xh, n3):
+        return Xh.new_empty((Xh.shape[0], n3, Xh.shape[2], Xh.shape[3]),
+                            dtype=_real_of(Xh.dtype))
+
+    # treconstruct
+    def trec_setup(ctx, inputs, output):
+        U, S, V, residual = inputs
+        ctx.save_for_backward(U, S, V)
+        ctx.has_residual = residual is not None
+
+    def trec_backward(ctx, grad):
+        U, S, V = ctx.saved_tensors
+        gU, gS, gV = torch.ops.tsvd.treconstruct_backward(grad, U, S, V)
+        return gU, gS, gV, (grad if ctx.has_residual else None)
+
+    lib.register_autograd("tsvd::treconstruct", trec_backward, setup_context=trec_setup)
+
+    # tprod: grad_A = G * Bᵀ, grad_B = Aᵀ * G
+    def tprod_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def tprod_backward(ctx, grad):
+        A, B = ctx.saved_tensors
+        gA = gB = None
+        if ctx.needs_input_grad[0]:
+            gA = torch.ops.tsvd.tprod(grad, _ttranspose(B))
+        if ctx.needs_input_grad[1]:
+            gB = torch.ops.tsvd.tprod(_ttranspose(A), grad)
+        return gA, gB
+
+    lib.register_autograd("tsvd::tprod", tprod_backward, setup_context=tprod_setup)
+
+    # tube_rfft: adjoint of rfft is Re(sum_f g_f e^{+i th}) = irfft(g * n3 / w_f)
+    def rfft_setup(ctx, inputs, output):
+        ctx.n3 = inputs[0].shape[1]
+
+    def rfft_backward(ctx, grad):
+        n3 = ctx.n3
+        w = _half_weights(n3, grad.shape[1], _real_of(grad.dtype), grad.device)
+        return torch.ops.tsvd.tube_irfft(grad * (n3 / w).view(1, -1, 1, 1), n3)
+
+    lib.register_autograd("tsvd::tube_rfft", rfft_backward, setup_context=rfft_setup)
+
+    # tube_irfft: adjoint of irfft is rfft(g) * w_f / n3
+    def irfft_setup(ctx, inputs, output):
+        ctx.n3 = inputs[1]
+
+    def irfft_backward(ctx, grad):
+        n3 = ctx.n3
+        gh = torch.ops.tsvd.tube_rfft(grad)
+        w = _half_weights(n3, gh.shape[1], grad.dtype, grad.device)
+        return gh * (w / n3).view(1, -1, 1, 1), None
+
+    lib.register_autograd("tsvd::tube_irfft", irfft_backward, setup_context=irfft_setup)
+
+
+if _C is not None:
+    _register()
