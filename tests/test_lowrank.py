@@ -1,0 +1,228 @@
+"""Randomized truncated SVD (tsvd/_lowrank.py) against float64 numpy oracles.
+
+Oracles: numpy's float64/complex128 LAPACK SVD of each slice (computed here, independently of
+the code under test), the Eckart-Young optimum ``sqrt(Σ_{i>k} σ_i²)``, and the public
+``tsvd(X, k, method="full")`` path for the transform handling.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import tsvd
+from tsvd import _lowrank
+from tsvd.transforms import get_transform
+from scipy.fft import dct, idct
+
+
+def _orth(b, n, p, cplx, g):
+    a = torch.randn(b, n, p, dtype=torch.float64, generator=g)
+    if cplx:
+        a = torch.complex(a, torch.randn(b, n, p, dtype=torch.float64, generator=g))
+    return torch.linalg.qr(a).Q
+
+
+def decaying(batch, n1, n2, *, cplx, noise=1e-7, seed=0, flat=False):
+    """Matrices ``(*batch, n1, n2)`` = Q1 diag(s) Q2ᴴ + noise with s_i = 1/i (or s_i = 1)."""
+    g = torch.Generator().manual_seed(seed)
+    b = int(np.prod(batch)) if batch else 1
+    p = min(n1, n2)
+    s = torch.ones(p, dtype=torch.float64) if flat else \
+        1.0 / torch.arange(1, p + 1, dtype=torch.float64)
+    s = s * (1 + 0.5 * torch.rand(b, 1, dtype=torch.float64, generator=g))
+    q1, q2 = _orth(b, n1, p, cplx, g), _orth(b, n2, p, cplx, g)
+    x = (q1 * s[:, None, :].to(q1.dtype)) @ q2.mH
+    x = x + noise * torch.randn(x.shape, dtype=x.dtype, generator=g)
+    return x.reshape(*batch, n1, n2)
+
+
+def np_svd(x):
+    """float64/complex128 full SVD of every slice (the oracle; LAPACK through
+    torch.linalg, as numpy arrays; numpy's own SVD is far slower on this machine)."""
+    a = x.detach().cpu().to(torch.complex128 if x.is_complex() else torch.float64)
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    return u.numpy(), s.numpy(), vh.mH.resolve_conj().numpy()
+
+
+def principal_np(u, s, v, k):
+    return (u[..., :k] * s[..., None, :k]) @ np.conj(np.swapaxes(v[..., :k], -1, -2))
+
+
+def rel_err_principal(u, s, v, x, k):
+    """max over slices of ‖U_k S_k V_kᴴ - (float64 optimum)‖_F / ‖optimum‖_F."""
+    uo, so, vo = np_svd(x)
+    ref = principal_np(uo, so, vo, k)
+    got = principal_np(*(t.detach().numpy().astype(ref.dtype) for t in (u, s, v)), k)
+    num = np.linalg.norm(got - ref, axis=(-2, -1))
+    return float((num / np.linalg.norm(ref, axis=(-2, -1))).max()), so
+
+
+def orth_err(u):
+    a = u.detach().to(torch.complex128 if u.is_complex() else torch.float64)
+    eye = torch.eye(a.shape[-1], dtype=a.dtype)
+    return float((a.mH @ a - eye).abs().max())
+
+
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cplx", [False, True])
+@pytest.mark.parametrize("n1,n2", [(150, 60), (60, 150)])
+def test_topk_matches_float64_svd(dtype, cplx, n1, n2):
+    k = 5
+    x = decaying((2, 3), n1, n2, cplx=cplx, seed=n1)
+    x = x.to({(torch.float32, True): torch.complex64, (torch.float64, True): torch.complex128}
+             .get((dtype, cplx), dtype))
+    u, s, v, info = _lowrank.topk_svd(x, k)
+    assert u.shape == (2, 3, n1, k) and s.shape == (2, 3, k) and v.shape == (2, 3, n2, k)
+    assert u.dtype == x.dtype and v.dtype == x.dtype and not s.is_complex()
+    assert info["fallback"] == 0 and info["iterations"] >= 1 and info["slices"] == 6
+    err, so = rel_err_principal(u, s, v, x, k)
+    tol = 1e-4 if dtype == torch.float32 else 1e-8
+    assert err < tol
+    assert np.abs(s.double().numpy() - so[..., :k]).max() < tol * so[..., 0].max()
+    assert bool((s[..., :-1] >= s[..., 1:]).all())
+    assert orth_err(u) < 10 * tol and orth_err(v) < 10 * tol
+    # the estimate the iteration relies on bounds the real error (it is conservative)
+    assert info["est"] >= 0.5 * err
+
+
+def test_tolerance_controls_accuracy():
+    """A looser tol stops earlier and is less accurate; the result honours each tol."""
+    x = decaying((3,), 120, 80, cplx=True, noise=0.0, seed=3)
+    errs, its = [], []
+    for tol in (1e-3, 1e-9):
+        u, s, v, info = _lowrank.topk_svd(x, 6, oversample=4, tol=tol, max_iter=40)
+        err, _ = rel_err_principal(u, s, v, x, 6)
+        assert info["fallback"] == 0 and err <= tol
+        errs.append(err); its.append(info["iterations"])
+    assert its[0] < its[1] and errs[1] < errs[0]
+
+
+def test_flat_spectrum_falls_back_and_is_correct():
+    """No gap at k: the residual check cannot verify the subspace, the full SVD takes over."""
+    k = 4
+    x = decaying((3,), 80, 70, cplx=False, flat=True, noise=1e-3, seed=5).float()
+    u, s, v, info = _lowrank.topk_svd(x, k, max_iter=4)
+    assert info["fallback"] == 3
+    _, so, _ = np_svd(x)
+    assert np.abs(s.double().numpy() - so[..., :k]).max() < 1e-5
+    opt = np.sqrt((so[..., k:] ** 2).sum(-1))
+    got = np.linalg.norm(x.double().numpy()
+                         - principal_np(*(t.double().numpy() for t in (u, s, v)), k), axis=(-2, -1))
+    assert np.allclose(got, opt, rtol=1e-5)
+    assert orth_err(u) < 1e-5 and orth_err(v) < 1e-5
+
+
+def test_mixed_batch_only_bad_slices_fall_back():
+    k = 3
+    good = decaying((2,), 90, 70, cplx=True, seed=1)
+    bad = decaying((1,), 90, 70, cplx=True, flat=True, noise=1e-3, seed=2)
+    x = torch.cat([good[:1], bad, good[1:]]).to(torch.complex64)
+    u, s, v, info = _lowrank.topk_svd(x, k, max_iter=6)
+    assert info["fallback"] == 1
+    err, _ = rel_err_principal(u[[0, 2]], s[[0, 2]], v[[0, 2]], x[[0, 2]], k)
+    assert err < 1e-4
+    _, so, _ = np_svd(x)
+    assert np.abs(s.double().numpy() - so[..., :k]).max() < 1e-5
+
+
+def test_zero_and_rank_deficient_slices():
+    k = 5
+    x = torch.zeros(3, 40, 30, dtype=torch.float64)
+    x[1] = decaying((), 40, 30, cplx=False, noise=0.0, seed=7)
+    x[2] = torch.randn(40, 2, dtype=torch.float64) @ torch.randn(2, 30, dtype=torch.float64)
+    u, s, v, info = _lowrank.topk_svd(x, k, oversample=4)
+    _, so, _ = np_svd(x)
+    assert np.abs(s.numpy() - so[..., :k]).max() < 1e-9 * so.max()
+    xk = (u * s[..., None, :]) @ v.mT
+    assert torch.allclose(xk[0], torch.zeros(40, 30, dtype=torch.float64))
+    assert torch.allclose(xk[2], x[2], atol=1e-10)
+
+
+# --------------------------------------------------------------------------------------
+# through the public API: transforms, real DC/Nyquist slices
+# --------------------------------------------------------------------------------------
+def tensor_decaying(n3, n1, n2, batch=(), seed=0, transform="fft"):
+    """Real ``(*batch, n3, n1, n2)`` whose every transform-domain slice has a decaying
+    spectrum (s_i ~ 1/i plus noise): the slices are built in the transform domain (real DC
+    and Nyquist slices for the FFT) and transformed back."""
+    if transform == "dct":
+        xh = decaying((*batch, n3), n1, n2, cplx=False, noise=1e-4, seed=seed)
+        return torch.from_numpy(idct(xh.numpy(), type=2, norm="ortho", axis=-3))
+    m = n3 // 2 + 1
+    xh = decaying((*batch, m), n1, n2, cplx=True, noise=1e-4, seed=seed)
+    xr = decaying((*batch, m), n1, n2, cplx=False, noise=1e-4, seed=seed + 1)
+    xh[..., 0, :, :] = xr[..., 0, :, :]
+    if n3 % 2 == 0 and n3 > 1:
+        xh[..., m - 1, :, :] = xr[..., m - 1, :, :]
+    return torch.from_numpy(np.fft.irfft(xh.numpy(), n=n3, axis=-3))
+
+
+@pytest.mark.parametrize("n3", [1, 2, 5, 6])
+def test_public_fft_randomized_equals_full(n3):
+    k = 4
+    x = tensor_decaying(n3, 70, 50, seed=n3).float()
+    tr = get_transform("fft")
+    xh = tr.forward(x)
+    uh, sh, vh = _lowrank.hat_topk_svd(xh, k, tr, n3)
+    assert _lowrank.last_info()["fallback"] == 0
+    # DC (and Nyquist for even n3) decomposed in real arithmetic: real vectors
+    real = [0] + ([n3 // 2] if n3 % 2 == 0 and n3 > 1 else [])
+    for i in real:
+        assert float(uh[i].imag.abs().max()) == 0.0 and float(vh[i].imag.abs().max()) == 0.0
+    u, s, v = tsvd.tsvd(x, k, method="randomized")
+    uf, sf, vf = tsvd.tsvd(x, k, method="full")
+    assert u.shape == uf.shape and s.shape == sf.shape and v.shape == vf.shape
+    assert not u.is_complex()
+    rec, recf = tsvd.treconstruct(u, s, v), tsvd.treconstruct(uf, sf, vf)
+    assert float((rec - recf).norm() / recf.norm()) < 1e-4
+    assert float((s - sf).abs().max()) < 1e-4 * float(sf.abs().max())
+    # t-orthogonality of U: Uᵀ * U = I
+    utu = tsvd.tprod(tsvd.ttranspose(u), u)
+    assert float((utu - tsvd.teye(k, n3)).abs().max()) < 1e-4
+
+
+def test_public_eckart_young_fft_float64_optimum():
+    """‖X - X_k‖_F equals the float64 optimum sqrt((1/n3) Σ_f Σ_{i>k} σ_i(X̂_f)²)."""
+    n3, k = 6, 5
+    x = tensor_decaying(n3, 64, 90, batch=(2,), seed=11).float()
+    u, s, v = tsvd.tsvd(x, k, method="randomized")
+    err = np.sqrt((((x - tsvd.treconstruct(u, s, v)).double().numpy()) ** 2).sum((-3, -2, -1)))
+    xf = np.fft.fft(x.double().numpy(), axis=-3)              # full spectrum, numpy oracle
+    sv = np_svd(torch.from_numpy(xf))[1]
+    opt = np.sqrt((sv[..., k:] ** 2).sum((-2, -1)) / n3)
+    assert np.allclose(err, opt, rtol=1e-4)
+    assert _lowrank.last_info()["fallback"] == 0
+
+
+@pytest.mark.parametrize("n1,n2", [(80, 40), (40, 80)])
+def test_public_dct_and_batch(n1, n2):
+    k = 3
+    x = tensor_decaying(5, n1, n2, batch=(2,), seed=n1, transform="dct").double()
+    u, s, v = tsvd.tsvd(x, k, transform="dct", method="randomized")
+    assert u.shape == (2, 5, n1, k) and s.shape == (2, 5, k) and v.shape == (2, 5, n2, k)
+    assert _lowrank.last_info()["fallback"] == 0
+    uf, sf, vf = tsvd.tsvd(x, k, transform="dct", method="full")
+    rec = tsvd.treconstruct(u, s, v, transform="dct")
+    recf = tsvd.treconstruct(uf, sf, vf, transform="dct")
+    assert float((rec - recf).norm() / recf.norm()) < 1e-8
+    # Eckart-Young against numpy's SVD of the DCT-domain slices
+    xh = dct(x.numpy(), type=2, norm="ortho", axis=-3)
+    sv = np_svd(torch.from_numpy(xh))[1]
+    opt = np.sqrt((sv[..., k:] ** 2).sum((-2, -1)))
+    got = np.sqrt(((x - rec).numpy() ** 2).sum((-3, -2, -1)))
+    assert np.allclose(got, opt, rtol=1e-8)
+
+
+def test_public_flat_spectrum_fft_still_correct():
+    n3, k = 4, 3
+    x = decaying((n3,), 50, 40, cplx=False, flat=True, noise=1e-3, seed=9).float()
+    u, s, v = tsvd.tsvd(x, k, method="randomized", tol=1e-7)
+    info = _lowrank.last_info()
+    assert info["fallback"] > 0
+    xf = np.fft.fft(x.double().numpy(), axis=-3)
+    sv = np_svd(torch.from_numpy(xf))[1]
+    opt = np.sqrt((sv[..., k:] ** 2).sum() / n3)
+    got = float((x - tsvd.treconstruct(u, s, v)).double().norm())
+    assert abs(got - opt) <= 1e-5 * opt
