@@ -1,0 +1,41 @@
+// Launchers of the tsvd CUDA kernels (csrc/cuda/kernels.cu). Raw pointers, sizes and a
+// stream only: no ATen here, so kernels.cu compiles with bare nvcc and the ATen glue
+// (csrc/cuda/ops_cuda.cpp) stays in plain C++. Every launcher returns the launch status
+// (cudaGetLastError after the launch); the glue checks it.
+//
+// Layouts (all contiguous, B = flattened batch, nf = n3/2 + 1, r = rank):
+//   real tensors            (B, n3, n1, n2)
+//   complex (interleaved)   (B, nf, E, 2)           E = n1 * n2 (tube_rfft / tube_irfft)
+//   a   = Uh diag(Sh)       (B, nf, n1, 2, r)       [re | im] per row
+//   bt  = Vh, j fastest     (B, nf, 2, r, n2)       (forward: coalesced along j)
+//   bk  = Vh, k fastest     (B, nf, n2, 2, r)       (backward)
+//   ga, gb (accumulated)    like a and bk: ga += (c Gh) Vh,  gb += (c Gh)^H A,
+//                           Gh = rfft(G), c_f = w_f / n3 (the adjoint of irfft)
+#pragma once
+#include <cstdint>
+#include <cuda_runtime_api.h>
+
+namespace tsvd {
+namespace cuda {
+
+// Largest nf = n3/2 + 1 the fused register kernels handle (n3 <= 63); larger n3 use
+// cuFFT through ATen in the glue.
+constexpr int64_t kMaxFusedFreq = 32;
+
+template <typename T>
+cudaError_t launch_tube_rfft(const T* x, T* xh, int64_t B, int64_t n3, int64_t E, cudaStream_t s);
+
+template <typename T>
+cudaError_t launch_tube_irfft(const T* xh, T* x, int64_t B, int64_t n3, int64_t E, cudaStream_t s);
+
+template <typename T>
+cudaError_t launch_treconstruct_fwd(const T* a, const T* bt, const T* res, T* out, int64_t B,
+                                    int64_t n3, int64_t n1, int64_t n2, int64_t r, int num_sms,
+                                    cudaStream_t s);
+
+template <typename T>
+cudaError_t launch_treconstruct_bwd(const T* g, const T* a, const T* bk, T* ga, T* gb, int64_t B,
+                                    int64_t n3, int64_t n1, int64_t n2, int64_t r, cudaStream_t s);
+
+}  // namespace cuda
+}  // namespace tsvd
