@@ -1,0 +1,591 @@
+"""tsvd.peft: LoRA-PT and the baselines on MONAI's UNETR ("tiny" preset) and other transformers.
+
+Oracles: the t-SVD truncation from numpy (FFT along the tubes + per-slice SVD, float64),
+per-matrix numpy SVDs for PiSSA, LoRA's delta written out by hand, central finite
+differences for LoRA-PT's gradients, and the un-adapted model's outputs.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import tsvd
+import tsvd.peft as peft
+from tsvd.models import build_unetr
+from tsvd.peft import LowRankLinear, LoRAPTContainer, TSVDLinear, adapt, load_adapter
+
+pytest.importorskip("monai")
+pytest.importorskip("safetensors")
+
+ADAPTERS = ("lorapt", "lora", "pissa")
+ALL = ("lorapt", "lora", "pissa", "full", "decoder")
+RANK = 4
+
+
+def _opts(method, **kw):
+    return dict(kw, rank=RANK) if method in ADAPTERS else kw
+
+
+@pytest.fixture(scope="module")
+def base():
+    torch.manual_seed(0)
+    m = build_unetr("tiny", dropout_rate=0.0).eval()
+    # pre-trained-like weights: give the transformer's matrices a decaying spectrum
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.startswith("vit.blocks") and p.ndim == 2:
+                p.add_(0.05 * torch.randn(p.shape[0], 2) @ torch.randn(2, p.shape[1]))
+    return m
+
+
+@pytest.fixture(scope="module")
+def x():
+    return torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _out(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+def _train(model, adapter, x, steps=3, lr=1e-2):
+    opt = torch.optim.Adam(adapter.trainable_parameters(), lr=lr)
+    target = (x[:, 0] > 0).long()
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _np_tsvd_trunc(X: np.ndarray, k: int) -> np.ndarray:
+    """Best tubal-rank-k approximation: FFT along the tubes, truncated SVD per slice."""
+    Xf = np.fft.fft(X, axis=0)
+    out = np.empty_like(Xf)
+    for i in range(X.shape[0]):
+        u, s, vh = np.linalg.svd(Xf[i], full_matrices=False)
+        out[i] = (u[:, :k] * s[:k]) @ vh[:k]
+    return np.fft.ifft(out, axis=0).real
+
+
+def _attn_stack(model) -> np.ndarray:
+    """q, k, v, out of every block, block-major: the LoRA-PT attention tensor (oracle order)."""
+    sl = []
+    for b in model.vit.blocks:
+        h = b.attn.out_proj.weight.shape[0]
+        qkv = b.attn.qkv.weight.detach().double().numpy()
+        sl += [qkv[:h], qkv[h:2 * h], qkv[2 * h:], b.attn.out_proj.weight.detach().double().numpy()]
+    return np.stack(sl)
+
+
+# --------------------------------------------------------------------------------------
+# initialisation leaves the model unchanged
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ALL)
+def test_init_leaves_output_unchanged(base, x, method):
+    y0 = _out(base, x)
+    m = copy.deepcopy(base)
+    adapt(m, method, **_opts(method))
+    y = _out(m, x)
+    if method in ("lora", "full", "decoder"):
+        assert torch.equal(y, y0)            # B = 0 / nothing changed: bit-identical
+    else:
+        assert torch.allclose(y, y0, rtol=1e-4, atol=1e-5 * y0.abs().max().item())
+        assert not torch.equal(y, y0) or method == "pissa"   # really recomputed weights
+
+
+@pytest.mark.parametrize("method", ("lorapt", "pissa"))
+def test_residual_plus_principal_reconstructs_weights(base, method):
+    m = copy.deepcopy(base)
+    adapt(m, method, rank=RANK)
+    eps = torch.finfo(torch.float32).eps
+    for (name, mod), (_, orig) in zip(m.vit.blocks.named_modules(), base.vit.blocks.named_modules()):
+        if isinstance(mod, TSVDLinear):
+            w = mod.weight
+        elif isinstance(mod, LowRankLinear):
+            w = mod.weight + mod.delta()
+        else:
+            continue
+        scale = orig.weight.abs().max().item()
+        err = (w.detach() - orig.weight).abs().max().item()
+        assert err <= 16 * eps * scale, (name, err)
+
+
+def test_lorapt_principal_part_is_the_tsvd_truncation(base):
+    m = copy.deepcopy(base)
+    a = adapt(m, "lorapt", rank=RANK)
+    X = _attn_stack(base)
+    assert X.shape == (4 * 12, 48, 48)
+    g = m.tsvd_lorapt["attn"]
+    assert tuple(g.U.shape) == (48, 48, RANK) and tuple(g.S.shape) == (48, RANK)
+    P = X - g.residual.double().numpy()                      # what the adapter trains
+    ref = _np_tsvd_trunc(X, RANK)
+    assert np.abs(P - ref).max() <= 1e-4 * np.abs(ref).max()
+    # the MLP tensors: 12 slices of (96, 48) and (48, 96)
+    assert tuple(m.tsvd_lorapt["mlp_up"].residual.shape) == (12, 96, 48)
+    assert tuple(m.tsvd_lorapt["mlp_down"].residual.shape) == (12, 48, 96)
+    assert a.config["groups"]["attn"] == [["attn.qkv", 3], ["attn.out_proj", 1]]
+
+
+def test_pissa_factors_are_the_top_singular_vectors(base):
+    m = copy.deepcopy(base)
+    adapt(m, "pissa", rank=RANK)
+    lay = m.vit.blocks[3].attn.qkv
+    W = base.vit.blocks[3].attn.qkv.weight.detach().double().numpy()
+    for j in range(3):                                       # q, k, v separately
+        Wj = W[48 * j:48 * (j + 1)]
+        u, s, vh = np.linalg.svd(Wj)
+        BA = (lay.lora_B[j] @ lay.lora_A[j]).detach().double().numpy()
+        assert np.abs(BA - (u[:, :RANK] * s[:RANK]) @ vh[:RANK]).max() <= 1e-5 * s[0]
+
+
+def test_lora_delta_and_scaling(base, x):
+    m = copy.deepcopy(base)
+    a = adapt(m, "lora", rank=RANK, alpha=8)
+    lay = m.vit.blocks[0].mlp.linear1
+    assert lay.scaling == 2.0
+    torch.manual_seed(3)
+    with torch.no_grad():
+        lay.lora_B.normal_()
+    inp = torch.randn(5, 48)
+    W, b = base.vit.blocks[0].mlp.linear1.weight, base.vit.blocks[0].mlp.linear1.bias
+    A, B = lay.lora_A[0].detach(), lay.lora_B[0].detach()
+    want = inp @ W.T + b + 2.0 * (inp @ A.T) @ B.T
+    assert torch.allclose(lay(inp), want, atol=1e-5)
+    assert a.num_trainable()["adapter"] == sum(
+        RANK * (48 + 48) * 4 + RANK * (96 + 48) * 2 for _ in range(12))
+
+
+# --------------------------------------------------------------------------------------
+# LoRA-PT: one fused rebuild per tensor per forward, layers view one buffer
+# --------------------------------------------------------------------------------------
+def test_one_treconstruct_per_tensor_per_forward(base, x, monkeypatch):
+    m = copy.deepcopy(base)
+    adapt(m, "lorapt", rank=RANK)
+    calls = []
+    real = tsvd.treconstruct
+
+    def counting(*args, **kw):
+        out = real(*args, **kw)
+        calls.append(out)
+        return out
+
+    monkeypatch.setattr(tsvd, "treconstruct", counting)
+    m.train()
+    m(x).sum().backward()
+    assert len(calls) == 3                                   # attn, mlp_up, mlp_down
+    m(x)
+    assert len(calls) == 6                                   # rebuilt on the next forward
+    for gname, g in m.tsvd_lorapt.items():
+        W = calls[-3:][list(m.tsvd_lorapt).index(gname)]
+        views = g.weights()
+        assert len(views) == len(g.splits)
+        for v in views:                                      # every layer views that buffer
+            assert v.untyped_storage().data_ptr() == W.untyped_storage().data_ptr()
+    qkv = m.vit.blocks[2].attn.qkv.weight
+    W = calls[-3]
+    assert qkv.shape == (144, 48)
+    assert qkv.data_ptr() == W[8].data_ptr()                 # block 2 starts at slice 4*2
+    m.eval()
+    with torch.no_grad():
+        m(x)
+        m(x)
+    assert len(calls) == 9                                   # no-grad: reused while unchanged
+
+
+# --------------------------------------------------------------------------------------
+# LoRA-PT trains U, S, V (the published code's bug: no gradient ever reached them)
+# --------------------------------------------------------------------------------------
+def test_lorapt_trains_principal_tensors_and_nothing_else(base, x):
+    """Toy problem: match a teacher whose transformer weights got a low-rank change, with the
+    decoder and everything else frozen: only U, S, V can lower the loss."""
+    teacher = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for n, p in teacher.named_parameters():
+            if n.startswith("vit.blocks") and p.ndim == 2:
+                p.add_(0.1 * torch.randn(p.shape[0], 2, generator=g)
+                       @ torch.randn(2, p.shape[1], generator=g) / p.shape[1] ** 0.5)
+    xin = x[:1]
+    y_t = _out(teacher, xin)
+    m = copy.deepcopy(base).train()
+    a = adapt(m, "lorapt", rank=RANK, train_decoder=False)
+    names = set(a.named_trainable_parameters())
+    assert names == {f"tsvd_lorapt.{g}.{p}" for g in ("attn", "mlp_up", "mlp_down")
+                     for p in "USV"}
+    frozen = {k: v.clone() for k, v in m.state_dict().items() if k not in names}
+    assert "tsvd_lorapt.attn.residual" in frozen
+    before = {n: p.detach().clone() for n, p in a.named_trainable_parameters().items()}
+    opt = torch.optim.Adam(a.trainable_parameters(), lr=1e-3)
+    losses = []
+    for step in range(30):
+        opt.zero_grad()
+        loss = (m(xin) - y_t).square().mean()
+        loss.backward()
+        if step == 0:
+            for n, p in a.named_trainable_parameters().items():
+                assert p.grad is not None and p.grad.abs().max() > 0, n
+            assert all(p.grad is None for n, p in m.named_parameters() if n not in names)
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-3:]) < 0.25 * losses[0], losses
+    for n, p in a.named_trainable_parameters().items():
+        assert not torch.equal(p.detach(), before[n]), n
+    after = m.state_dict()
+    for k, v in frozen.items():
+        assert torch.equal(after[k], v), k                   # bit-identical
+
+
+def test_lorapt_gradient_matches_finite_differences():
+    """Directional derivatives of a smooth loss (MONAI ViT: GELU, LayerNorm, softmax; UNETR's
+    LeakyReLU kinks would spoil finite differences) in float64."""
+    from monai.networks.nets import ViT
+    torch.manual_seed(0)
+    m = ViT(in_channels=1, img_size=16, patch_size=4, hidden_size=24, mlp_dim=48, num_layers=2,
+            num_heads=2, dropout_rate=0.0).double().eval()
+    a = adapt(m, "lorapt", rank=2)
+    xin = torch.randn(1, 1, 16, 16, 16, dtype=torch.float64,
+                      generator=torch.Generator().manual_seed(5))
+    w = torch.randn(1, 64, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+
+    def loss():
+        return (m(xin)[0] * w).sum()
+
+    loss().backward()
+    g = torch.Generator().manual_seed(7)
+    for name, p in a.named_trainable_parameters().items():
+        if not name.startswith("tsvd_lorapt."):
+            continue
+        d = torch.randn(p.shape, dtype=p.dtype, generator=g)
+        h = 1e-6
+        with torch.no_grad():
+            p.add_(h * d)
+            lp = loss().item()
+            p.sub_(2 * h * d)
+            lm = loss().item()
+            p.add_(h * d)
+        fd = (lp - lm) / (2 * h)
+        an = (p.grad * d).sum().item()
+        assert abs(fd - an) <= 1e-6 * max(1.0, abs(fd)), (name, fd, an)
+
+
+@pytest.mark.parametrize("train_s", (True, False))
+def test_lorapt_train_s_option(base, train_s):
+    m = copy.deepcopy(base)
+    a = adapt(m, "lorapt", rank=RANK, train_s=train_s, train_decoder=False)
+    has_s = any(n.endswith(".S") for n in a.named_trainable_parameters())
+    assert has_s == train_s
+    assert "tsvd_lorapt.attn.S" in a.state_dict()           # saved either way
+    c = a.num_trainable()
+    assert c["adapter"] == sum(p.numel() for p in a.trainable_parameters())
+    assert c["other"] == 0 and c["model_total"] == sum(p.numel() for p in base.parameters())
+
+
+def test_train_decoder_and_bias_options(base):
+    m = copy.deepcopy(base)
+    a = adapt(m, "lora", rank=RANK, train_bias=True)
+    names = set(a.named_trainable_parameters())
+    assert "vit.blocks.0.mlp.linear1.bias" in names
+    assert "out.conv.conv.weight" in names and "decoder2.conv_block.conv1.conv.weight" in names
+    assert "vit.blocks.0.norm1.weight" not in names
+    assert "vit.patch_embedding.patch_embeddings.weight" not in names
+    dec = adapt(copy.deepcopy(base), "decoder")
+    assert all(not n.startswith("vit.") for n in dec.named_trainable_parameters())
+    full = adapt(copy.deepcopy(base), "full", train_decoder=False)
+    assert set(full.named_trainable_parameters()) == {
+        n for n, _ in base.named_parameters() if n.startswith("vit.")}
+
+
+# --------------------------------------------------------------------------------------
+# save / load / merge
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ALL)
+def test_save_load_round_trip(base, x, method, tmp_path):
+    m = copy.deepcopy(base)
+    a = adapt(m, method, **_opts(method))
+    _train(m, a, x, steps=2)
+    m.eval()
+    y = _out(m, x)
+    path = tmp_path / f"{method}.safetensors"
+    a.save(path)
+    meta = peft.read_adapter_meta(path)
+    assert meta["method"] == method and set(meta["tensors"]) == set(a.state_dict())
+    m2 = copy.deepcopy(base)
+    a2 = load_adapter(m2, path)
+    assert a2.config == a.config
+    assert torch.allclose(_out(m2, x), y, rtol=0, atol=1e-6 * y.abs().max().item())
+    for k, v in a.state_dict().items():
+        assert torch.equal(a2.state_dict()[k], v), k
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_merge_equals_adapted_and_removes_adapter(base, x, method):
+    m = copy.deepcopy(base)
+    a = adapt(m, method, **_opts(method))
+    _train(m, a, x, steps=2)
+    m.eval()
+    y = _out(m, x)
+    out = a.merge()
+    assert out is m
+    ym = _out(m, x)
+    assert torch.allclose(ym, y, rtol=0, atol=2e-6 * y.abs().max().item())
+    assert not any(isinstance(mod, (TSVDLinear, LowRankLinear, LoRAPTContainer))
+                   for mod in m.modules())
+    assert [n for n, _ in m.named_parameters()] == [n for n, _ in base.named_parameters()]
+    assert [n for n, _ in m.named_buffers()] == [n for n, _ in base.named_buffers()]
+    assert not m._forward_pre_hooks
+    assert all(type(mod) is nn.Linear for mod in (m.vit.blocks[0].attn.qkv,
+                                                  m.vit.blocks[0].mlp.linear2))
+    assert all(p.requires_grad for p in m.parameters())      # flags restored
+    assert peft.get_adapter(m) is None
+    with pytest.raises(RuntimeError, match="merged"):
+        a.state_dict()
+    adapt(m, "lora", rank=2)                                 # a merged model adapts again
+
+
+def test_lorapt_adapter_file_is_small_on_paper_preset(tmp_path):
+    """Rank 8 on the paper configuration: the adapter (U, S, V of the three tensors)
+    is under 2% of the full model's file."""
+    model = build_unetr("paper")
+    full_path = tmp_path / "full.safetensors"
+    from tsvd.models import save_checkpoint
+    save_checkpoint(model, full_path)
+    # randomized top-k t-SVD when tsvd has it (seconds), else the full one (slower)
+    try:
+        import tsvd._lowrank  # noqa: F401
+        method = "randomized"
+    except ImportError:
+        method = "full"
+    a = adapt(model, "lorapt", rank=8, train_decoder=False, svd_method=method)
+    assert {k: tuple(v.shape) for k, v in a.state_dict().items()} == {
+        "tsvd_lorapt.attn.U": (48, 768, 8), "tsvd_lorapt.attn.S": (48, 8),
+        "tsvd_lorapt.attn.V": (48, 768, 8),
+        "tsvd_lorapt.mlp_up.U": (12, 3072, 8), "tsvd_lorapt.mlp_up.S": (12, 8),
+        "tsvd_lorapt.mlp_up.V": (12, 768, 8),
+        "tsvd_lorapt.mlp_down.U": (12, 768, 8), "tsvd_lorapt.mlp_down.S": (12, 8),
+        "tsvd_lorapt.mlp_down.V": (12, 3072, 8)}
+    path = tmp_path / "lorapt.safetensors"
+    a.save(path)
+    ratio = path.stat().st_size / full_path.stat().st_size
+    assert ratio < 0.02, ratio
+
+
+# --------------------------------------------------------------------------------------
+# other transformer models
+# --------------------------------------------------------------------------------------
+def test_monai_vit_with_default_groups(x):
+    from monai.networks.nets import ViT
+    torch.manual_seed(0)
+    vit = ViT(in_channels=1, img_size=32, patch_size=16, hidden_size=48, mlp_dim=96,
+              num_layers=3, num_heads=4, dropout_rate=0.0).eval()
+    y0 = _out(vit, x)[0]
+    a = adapt(vit, "lorapt", rank=RANK)
+    assert a.config["blocks"] == "blocks"
+    assert tuple(vit.tsvd_lorapt["attn"].U.shape) == (12, 48, RANK)
+    y = _out(vit, x)[0]
+    assert torch.allclose(y, y0, atol=1e-5)
+    vit.train()
+    vit(x)[0].square().mean().backward()
+    assert vit.tsvd_lorapt["mlp_down"].V.grad.abs().max() > 0
+
+
+class _Attn(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        a = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1)
+        return self.proj(a @ v)
+
+
+class _Mlp(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class _Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.attn, self.mlp = _Attn(d), _Mlp(d)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm(x))
+        return x + self.mlp(x)
+
+
+class TimmStyleViT(nn.Module):
+    """The layer names of timm's ViT: blocks.i.attn.qkv / attn.proj / mlp.fc1 / mlp.fc2."""
+
+    def __init__(self, d=16, depth=3):
+        super().__init__()
+        self.embed = nn.Linear(8, d)
+        self.blocks = nn.ModuleList(_Block(d) for _ in range(depth))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x.mean(1))
+
+
+TIMM_GROUPS = {"attn": [["attn.qkv", 3], ["attn.proj", 1]], "mlp_up": ["mlp.fc1"],
+               "mlp_down": ["mlp.fc2:1"]}
+
+
+@pytest.mark.parametrize("method", ADAPTERS)
+def test_timm_style_model_with_named_groups(method, tmp_path):
+    torch.manual_seed(0)
+    model = TimmStyleViT()
+    xin = torch.randn(4, 5, 8)
+    y0 = _out(model, xin)
+    with pytest.raises(ValueError, match="no matching layers"):
+        adapt(copy.deepcopy(model), method, rank=2)          # default (MONAI) names absent
+    base = copy.deepcopy(model)
+    a = adapt(model, method, rank=2, groups=TIMM_GROUPS)
+    assert a.plan.encoder == ["blocks"]                       # blocks at the top level
+    assert torch.allclose(_out(model, xin), y0, atol=1e-5)
+    assert "head.weight" in a.named_trainable_parameters()   # train_decoder: the rest trains
+    assert "embed.weight" in a.named_trainable_parameters()
+    _train_generic(model, a, xin)
+    y = _out(model, xin)
+    a.save(tmp_path / "a.safetensors")
+    m2 = copy.deepcopy(base)
+    load_adapter(m2, tmp_path / "a.safetensors")
+    assert torch.allclose(_out(m2, xin), y, atol=1e-6)
+    a.merge()
+    assert torch.allclose(_out(model, xin), y, atol=1e-5)
+
+
+def _train_generic(model, a, xin):
+    opt = torch.optim.Adam(a.trainable_parameters(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        model(xin).square().mean().backward()
+        opt.step()
+
+
+def test_torch_transformer_encoder_attention_is_refused():
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    with pytest.raises(ValueError, match="MultiheadAttention"):
+        adapt(enc, "lorapt", rank=2, blocks="layers", groups={"attn": ["self_attn.out_proj"]})
+    a = adapt(enc, "lorapt", rank=2, blocks="layers",
+              groups={"mlp_up": ["linear1"], "mlp_down": ["linear2"]})
+    assert tuple(enc.tsvd_lorapt["mlp_up"].U.shape) == (2, 32, 2)
+    assert a.num_trainable()["adapter"] > 0
+
+
+# --------------------------------------------------------------------------------------
+# bad input
+# --------------------------------------------------------------------------------------
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, \
+        [type(mm) for mm in model.modules()]
+
+
+def _unchanged(model, snap):
+    sd, types = snap
+    now = model.state_dict()
+    return set(now) == set(sd) and all(torch.equal(now[k], v) for k, v in sd.items()) and \
+        [type(mm) for mm in model.modules()] == types
+
+
+def test_bad_inputs(base):
+    m = copy.deepcopy(base)
+    snap = _snapshot(m)
+    with pytest.raises(ValueError, match="method"):
+        adapt(m, "qlora")
+    with pytest.raises(ValueError, match=r"rank.*48"):
+        adapt(m, "lorapt", rank=49)
+    with pytest.raises(ValueError, match=r"rank.*48"):
+        adapt(m, "pissa", rank=49)
+    with pytest.raises(ValueError, match="rank"):
+        adapt(m, "lora", rank=0)
+    with pytest.raises(TypeError, match="alpha"):
+        adapt(m, "lorapt", alpha=3)
+    with pytest.raises(ValueError, match="groups"):
+        adapt(m, "lorapt", groups=["attention"])
+    with pytest.raises(ValueError, match="blocks"):
+        adapt(m, "lorapt", blocks="vit.nope")
+    with pytest.raises(ValueError, match="train_decoder"):
+        adapt(m, "decoder", train_decoder=False)
+    with pytest.raises(ValueError, match="no matching layers"):
+        adapt(nn.Sequential(nn.Conv3d(1, 2, 3), nn.ReLU()), "lorapt")
+    assert _unchanged(m, snap)
+    adapt(m, "lora", rank=2)
+    with pytest.raises(ValueError, match="already adapted"):
+        adapt(m, "lorapt")
+
+
+def test_adapter_for_another_model_names_shapes(base, tmp_path):
+    m = copy.deepcopy(base)
+    adapt(m, "lorapt", rank=RANK).save(tmp_path / "a.safetensors")
+    other = build_unetr("tiny", hidden_size=64, mlp_dim=128, dropout_rate=0.0)
+    snap = _snapshot(other)
+    with pytest.raises(ValueError, match=r"tsvd_lorapt\.attn\.U.*\(48, 48, 4\).*\(48, 64, 4\)"):
+        load_adapter(other, tmp_path / "a.safetensors")
+    assert _unchanged(other, snap)
+    fresh = build_unetr("tiny", dropout_rate=0.0)            # same shapes, other weights
+    snap = _snapshot(fresh)
+    with pytest.raises(ValueError, match="not the ones this adapter was trained on"):
+        load_adapter(fresh, tmp_path / "a.safetensors")
+    assert _unchanged(fresh, snap)
+
+
+def test_truncated_and_corrupted_files(base, tmp_path):
+    m = copy.deepcopy(base)
+    path = tmp_path / "a.safetensors"
+    adapt(m, "lora", rank=RANK).save(path)
+    data = path.read_bytes()
+    cases = {
+        "truncated": data[: len(data) // 2],
+        "header_cut": data[:20],
+        "flipped": bytearray(data),
+        "empty": b"",
+    }
+    cases["flipped"][-100] ^= 0xFF                           # one byte in the tensor data
+    for name, blob in cases.items():
+        bad = tmp_path / f"{name}.safetensors"
+        bad.write_bytes(bytes(blob))
+        fresh = copy.deepcopy(base)
+        snap = _snapshot(fresh)
+        with pytest.raises(ValueError, match="corrupted|truncated"):
+            load_adapter(fresh, bad)
+        assert _unchanged(fresh, snap), name
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="not a tsvd.peft adapter"):
+        load_adapter(copy.deepcopy(base), tmp_path / "plain.safetensors")
+    with pytest.raises(FileNotFoundError):
+        load_adapter(copy.deepcopy(base), tmp_path / "missing.safetensors")
+
+
+def test_state_dict_holds_only_what_changed(base):
+    m = copy.deepcopy(base)
+    a = adapt(m, "lorapt", rank=RANK)
+    sd = a.state_dict()
+    assert not any("residual" in k for k in sd)
+    assert not any(k.startswith("vit.") for k in sd)
+    assert "out.conv.conv.weight" in sd                       # trained decoder parameters
+    bad = dict(sd)
+    bad["tsvd_lorapt.attn.U"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"tsvd_lorapt\.attn\.U.*\(1,\)"):
+        a.load_state_dict(bad)
