@@ -1024,8 +1024,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="output folder (default ./compare-out); running again with the same "
                     "folder skips the runs that have a result.json (resume)")
     ap.add_argument("--quick", action="store_true",
-                    help=f"one seed, protocol {QUICK['protocols'][0]}, {QUICK['epochs']} epochs "
-                    f"× {QUICK['samples_per_epoch']} samples, two learning rates per method "
+                    help=f"one seed, protocol {QUICK['protocols'][0]}, the full-data regime "
+                    f"only, {QUICK['epochs']} epochs × {QUICK['samples_per_epoch']} samples, two "
+                    f"learning rates per method "
                     f"(what CI or a reviewer runs; < 20 min on 2 CPU cores)")
     ap.add_argument("--protocols", help="comma-separated embedded protocols (default "
                     f"{','.join(FULL['protocols'])}; --quick: {QUICK['protocols'][0]}; "
@@ -1151,14 +1152,16 @@ def _main(args) -> int:
     jobs = cmp.plan()
     todo = [j for j in jobs if not _has_result(cmp, j)]
     steps = cmp.steps_per_run()
+    n_reused = sum(1 for j in jobs if j.get("reuses_sweep"))
     print(f"plan: {len(S['regimes'])} regime(s) {list(S['regimes'])} × {len(S['protocols'])} "
           f"protocol(s) {S['protocols']} × {len(variants)} variants "
           f"[{', '.join(v['name'] for v in variants)}]; seeds {S['seeds']}; learning rates "
           + "; ".join(f"{m} {','.join(fmt_lr(x) for x in grid[m])}"
                       for m in dict.fromkeys(v['method'] for v in variants))
-          + f"\n      {len(jobs)} runs of {S['epochs']} epochs × {S['samples_per_epoch']} "
-          f"samples (batch {S['batch_size']}, {steps} steps); {len(jobs) - len(todo)} done "
-          f"before, {len(todo)} to run")
+          + f"\n      {len(jobs)} runs ({len(jobs) - n_reused} trainings of {S['epochs']} "
+          f"epochs × {S['samples_per_epoch']} samples, batch {S['batch_size']}, {steps} steps; "
+          f"{n_reused} final runs are sweep runs evaluated on the test split); "
+          f"{len(jobs) - len(todo)} done before, {len(todo)} to run")
     cal = None
     if todo and not args.no_calibrate:
         cal = calibrate(S, variants, datasets[S["protocols"][0]], args.device)

@@ -34,6 +34,7 @@ _FLAGS = {
     "epochs": ("train.epochs", int), "batch_size": ("train.batch_size", int),
     "samples_per_epoch": ("train.samples_per_epoch", int), "lr": ("train.lr", float),
     "weight_decay": ("train.weight_decay", float), "loss": ("train.loss", str),
+    "optimizer": ("train.optimizer", str),
     "val_every": ("train.val_every", int), "average_last": ("train.average_last", int),
     "seed": ("train.seed", int), "device": ("train.device", str), "threads": ("train.threads", int),
     "overlap": ("train.sw_overlap", float),
@@ -107,6 +108,8 @@ def _add_common(p, *, train=True, data=True):
                        help="random crops per epoch (default: number of training cases)")
         p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
         p.add_argument("--weight-decay", type=float, help="default 1e-5")
+        p.add_argument("--optimizer", choices=["adam", "sgd"],
+                       help="adam (default: Adam with amsgrad, as the paper) or sgd (momentum 0.9)")
         p.add_argument("--loss", choices=["dice", "dicece"], help="default dicece")
         p.add_argument("--val-every", type=int, help="validate every N epochs (default 1)")
         p.add_argument("--average-last", type=int,

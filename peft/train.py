@@ -52,7 +52,7 @@ DEFAULTS = {
     "peft": {"rank": None, "alpha": None, "train_decoder": True},
     "pretrained": None,
     "train": {"epochs": 10, "batch_size": 2, "samples_per_epoch": None, "lr": 1e-3,
-              "weight_decay": 1e-5, "poly_power": 0.9, "loss": "dicece", "val_every": 1,
+              "weight_decay": 1e-5, "optimizer": "adam", "poly_power": 0.9, "loss": "dicece", "val_every": 1,
               "average_last": 0, "amp": False, "seed": 0, "sw_overlap": 0.25,
               "device": "auto", "threads": None},
 }
@@ -416,8 +416,14 @@ def train(cfg: dict, out, *, task: str = "finetune", overwrite: bool = False,
     spe = int(tcfg.get("samples_per_epoch") or len(tr_items))
     iters = max(1, math.ceil(spe / bs))
     total = iters * tcfg["epochs"]
-    opt = torch.optim.Adam(params, lr=float(tcfg["lr"]), weight_decay=float(tcfg["weight_decay"]),
-                           amsgrad=True)
+    if tcfg.get("optimizer", "adam") == "adam":     # the paper's: Adam, amsgrad
+        opt = torch.optim.Adam(params, lr=float(tcfg["lr"]),
+                               weight_decay=float(tcfg["weight_decay"]), amsgrad=True)
+    elif tcfg["optimizer"] == "sgd":
+        opt = torch.optim.SGD(params, lr=float(tcfg["lr"]), momentum=0.9,
+                              weight_decay=float(tcfg["weight_decay"]))
+    else:
+        raise RunError(f"train.optimizer: expected adam or sgd, got {tcfg['optimizer']!r}")
     power = float(tcfg["poly_power"])
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda it: max(0.0, 1.0 - it / total) ** power)
