@@ -110,7 +110,9 @@ fi
 
 # -- 3. kernel benchmark ----------------------------------------------------------------
 if [ -f bench/kernels.py ]; then
-  run kernels 150 "$PY" bench/kernels.py --device cuda --json "$OUT/kernels_cuda.json" \
+  # the targets first (treconstruct, fwd+bwd, tsvd), so a cut-short run still has them
+  run kernels 200 "$PY" bench/kernels.py --device cuda --json "$OUT/kernels_cuda.json" \
+      --ops treconstruct treconstruct_fb tsvd tprod rfft irfft \
       || say "bench/kernels.py failed"
 else
   say "bench/kernels.py missing"
@@ -118,7 +120,8 @@ fi
 
 # -- 4. LoRA-PT training-step benchmark -------------------------------------------------
 if [ -f bench/peft.py ]; then
-  run peft 90 "$PY" bench/peft.py --device cuda --json "$OUT/peft_cuda.json" --quick \
+  run peft 150 "$PY" bench/peft.py --device cuda --presets paper --json "$OUT/peft_cuda.json" \
+      --quick --timeout 100 \
       || say "bench/peft.py failed (is MONAI carried in .whl/?)"
 else
   say "bench/peft.py missing: no training-step benchmark"

@@ -46,8 +46,17 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def bench(cands: dict, device, repeats: int, warmup: int = 1) -> dict:
-    """Time each candidate (a no-arg callable) interleaved; returns name -> list of ms."""
+INNER = 1  # calls per CUDA timing sample (main sets it for --device cuda)
+
+
+def bench(cands: dict, device, repeats: int, warmup: int = 1, inner: int | None = None) -> dict:
+    """Time each candidate (a no-arg callable) interleaved; returns name -> list of ms per call.
+
+    On CUDA each sample is ``inner`` back-to-back calls between two CUDA events (divided by
+    ``inner``), so launch latency overlaps the previous call's work as it does in a real
+    training step; on CPU each sample is one call timed with ``perf_counter``.
+    """
+    inner = INNER if inner is None else inner
     for _ in range(warmup):
         for fn in cands.values():
             fn()
@@ -56,10 +65,19 @@ def bench(cands: dict, device, repeats: int, warmup: int = 1) -> dict:
     for _ in range(repeats):
         for k, fn in cands.items():
             sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[k].append((time.perf_counter() - t0) * 1e3)
+            if device.type == "cuda":
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                for _ in range(inner):
+                    fn()
+                e1.record()
+                e1.synchronize()
+                times[k].append(e0.elapsed_time(e1) / inner)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                sync(device)
+                times[k].append((time.perf_counter() - t0) * 1e3)
     return times
 
 
@@ -101,15 +119,27 @@ def published_tsvd(X, k):
 
 
 def decaying(shape, device, seed=0):
-    """Per-slice U diag(s) V^T with s_i = 1/i, plus 1e-3 noise: a weight-like spectrum."""
+    """A weight-like tensor whose every Fourier slice has singular values 1/i (i = 1..p),
+    plus noise of relative size 1e-3: built in the Fourier domain (Hermitian half spectrum,
+    real slices at frequency 0 and n3/2) and brought back with irfft along the tubes."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     *b, n3, n1, n2 = shape
-    p = min(n1, n2)
-    qa = torch.linalg.qr(torch.randn(*b, n3, n1, p, generator=g))[0]
-    qb = torch.linalg.qr(torch.randn(*b, n3, n2, p, generator=g))[0]
-    s = 1.0 / torch.arange(1, p + 1, dtype=torch.float32)
-    X = (qa * s) @ qb.mT + 1e-3 * torch.randn(*b, n3, n1, n2, generator=g) / (n1 * n2) ** 0.25
-    return X.to(device)
+    p, nf = min(n1, n2), n3 // 2 + 1
+    dev = torch.device(device)
+    gen_dev = dev if dev.type == "cuda" else torch.device("cpu")
+
+    def orth(n):
+        z = torch.randn(*b, nf, n, p, 2, generator=g).to(gen_dev)
+        z = torch.view_as_complex(z)
+        real = [0] + ([n3 // 2] if n3 % 2 == 0 else [])
+        z[..., real, :, :] = z[..., real, :, :].real.to(z.dtype)
+        return torch.linalg.qr(z)[0]
+
+    s = (1.0 / torch.arange(1, p + 1, dtype=torch.float32, device=gen_dev)).to(torch.complex64)
+    Xf = (orth(n1) * s) @ orth(n2).mH * n3 ** 0.5
+    X = torch.fft.irfft(Xf, n=n3, dim=-3)
+    X = X + 1e-3 * X.std() * torch.randn(*X.shape, generator=g).to(gen_dev)
+    return X.to(dev)
 
 
 def factors(shape, r, device, seed=0):
@@ -125,7 +155,7 @@ def rows_for(op, shape, device, repeats, quick):
     out = []
     st = lambda ts: (min(ts), statistics.median(ts))  # noqa: E731
 
-    def add(baseline, tb, tt, err, note=""):
+    def add(baseline, tb, tt, err, note="", **extra):
         bmin, bmed = st(tb)
         tmin, tmed = st(tt)
         ratio = (tmin / bmin) if baseline == "clone" else (bmin / tmin)
@@ -133,7 +163,7 @@ def rows_for(op, shape, device, repeats, quick):
                         threads=torch.get_num_threads(), baseline=baseline,
                         baseline_ms_min=bmin, baseline_ms_median=bmed, tsvd_ms_min=tmin,
                         tsvd_ms_median=tmed, ratio=ratio, err=err, note=note,
-                        backend=tsvd.last_backend(op_backend(op))))
+                        backend=tsvd.last_backend(op_backend(op)), **extra))
 
     if op in ("treconstruct", "treconstruct_fb"):
         U, S, V, R = factors(shape, RANK, device)
@@ -149,7 +179,13 @@ def rows_for(op, shape, device, repeats, quick):
             add("reference", t["reference"], t["tsvd"], err)
             if "published" in t:
                 add("published", t["published"], t["tsvd"], err)
-            add("clone", t["clone"], t["tsvd"], err, "ratio = tsvd / clone (target <= 3)")
+            # memory traffic that cannot be avoided: the residual read once, the output
+            # written once (the factors are tiny); the clone moves the same bytes
+            nbytes = 2 * R.numel() * R.element_size()
+            gbps = lambda ms: nbytes / (ms * 1e-3) / 1e9  # noqa: E731
+            add("clone", t["clone"], t["tsvd"], err, "ratio = tsvd / clone (target <= 3)",
+                tsvd_GBps=gbps(min(t["tsvd"])), clone_GBps=gbps(min(t["clone"])),
+                bandwidth_fraction=gbps(min(t["tsvd"])) / gbps(min(t["clone"])))
         else:
             G = torch.randn_like(R)
             leaves = [x.clone().requires_grad_() for x in (U, S, V)]
@@ -209,7 +245,10 @@ def rows_for(op, shape, device, repeats, quick):
         big = shape[-1] * shape[-2] * shape[-3] > 1e6
         if not quick:
             c["published"] = lambda: published_tsvd(X, k)
-        t = bench(c, device, max(1, repeats // 2) if big else repeats, warmup=0 if big else 1)
+        if device.type == "cuda":  # the GPU handles every shape quickly; warm cuSOLVER up
+            t = bench(c, device, min(repeats, 3), warmup=1, inner=1)
+        else:
+            t = bench(c, device, max(1, repeats // 2) if big else repeats, warmup=0 if big else 1)
         U, S, V = tsvd.tsvd(X, k)
         U64, S64, V64 = ref.tsvd(X.double(), k)
         Xk64 = ref.treconstruct(U64, S64, V64)
@@ -238,7 +277,9 @@ def main(argv=None):
     if a.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: torch.cuda.is_available() is False")
     device = torch.device(a.device)
-    repeats = a.repeats or (3 if a.quick else 5)
+    global INNER
+    INNER = 10 if device.type == "cuda" else 1
+    repeats = a.repeats or ((5 if a.quick else 15) if device.type == "cuda" else (3 if a.quick else 5))
     shapes = LORA_SHAPES + ([SMALL, BATCHED] if a.shapes == "all" else [])
     rows = []
     print(f"tsvd bench: device={device} torch={torch.__version__} threads={torch.get_num_threads()} "
@@ -248,17 +289,34 @@ def main(argv=None):
     hdr = f"{'op':16s} {'shape':20s} {'baseline':10s} {'base min/med ms':>17s} {'tsvd min/med ms':>17s} {'ratio':>7s} {'err':>8s}"
     print(hdr)
     print("-" * len(hdr))
+    meta = dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
+                build=tsvd.build_info(), python=platform.python_version(),
+                machine=platform.machine(), processor=platform.processor(),
+                date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), quick=a.quick,
+                repeats=repeats, inner=INNER,
+                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
+    summary = {}
+
+    def write_json():  # after every row, so a run cut short still leaves its numbers
+        if a.json:
+            tmp = a.json + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(dict(meta=meta, rows=rows, summary=summary), f, indent=1, default=str)
+            os.replace(tmp, a.json)
+
     for op in a.ops:
         sh_list = shapes if op not in ("rfft", "irfft") else [(12, 3072, 768), (48, 768, 768)]
         for shape in sh_list:
             for r in rows_for(op, shape, device, repeats, a.quick):
                 rows.append(r)
+                bw = (f"  {r['tsvd_GBps']:.0f} GB/s = {100 * r['bandwidth_fraction']:.0f}% of clone"
+                      if "tsvd_GBps" in r else "")
                 print(f"{r['op']:16s} {str(tuple(r['shape'])):20s} {r['baseline']:10s} "
-                      f"{r['baseline_ms_min']:8.1f}/{r['baseline_ms_median']:<8.1f} "
-                      f"{r['tsvd_ms_min']:8.1f}/{r['tsvd_ms_median']:<8.1f} {r['ratio']:7.2f} "
-                      f"{r['err']:8.1e}", flush=True)
+                      f"{r['baseline_ms_min']:8.2f}/{r['baseline_ms_median']:<8.2f} "
+                      f"{r['tsvd_ms_min']:8.2f}/{r['tsvd_ms_median']:<8.2f} {r['ratio']:7.2f} "
+                      f"{r['err']:8.1e}{bw}", flush=True)
+                write_json()
     # sums over the three LoRA-PT shapes
-    summary = {}
     for op in a.ops:
         for base in ("reference", "published", "clone"):
             sel = [r for r in rows if r["op"] == op and r["baseline"] == base
@@ -271,17 +329,9 @@ def main(argv=None):
     if summary:
         print("\nsum over the three LoRA-PT shapes (min times):")
         for k, v in summary.items():
-            print(f"  {k:30s} baseline {v['baseline_ms']:9.1f} ms  tsvd {v['tsvd_ms']:9.1f} ms  ratio {v['ratio']:6.2f}")
-    meta = dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
-                build=tsvd.build_info(), python=platform.python_version(),
-                machine=platform.machine(), processor=platform.processor(),
-                date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), quick=a.quick,
-                repeats=repeats, gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
+            print(f"  {k:30s} baseline {v['baseline_ms']:9.2f} ms  tsvd {v['tsvd_ms']:9.2f} ms  ratio {v['ratio']:6.2f}")
+    write_json()
     if a.json:
-        tmp = a.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(dict(meta=meta, rows=rows, summary=summary), f, indent=1, default=str)
-        os.replace(tmp, a.json)
         print(f"wrote {a.json}")
 
 
