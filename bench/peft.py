@@ -240,7 +240,10 @@ def main(argv=None):
             print(f"[{preset}] {m} ...", file=sys.stderr, flush=True)
             rows[m] = _run_child(["--child", "one", "--method", m] + common, args.timeout)
             rows[m]["full_model_file_bytes"] = full_bytes
-        inter = args.interleave == "on" or (args.interleave == "auto" and not heavy)
+        # interleaving guards against load from other processes on a shared CPU; a GPU step
+        # is timed with the device to itself, so "auto" means off there
+        inter = args.interleave == "on" or (args.interleave == "auto" and not heavy
+                                            and args.device == "cpu")
         if inter:
             print(f"[{preset}] interleaved timing ...", file=sys.stderr, flush=True)
             it = _run_child(["--child", "interleaved"] + common, args.timeout)

@@ -60,7 +60,9 @@ Tensor tube_rfft_impl(const Tensor& X) {
   const int64_t nf = n3 / 2 + 1;
   if (X.numel() == 0)
     return at::empty({B, nf, n1, n2}, X.options().dtype(complex_of(X.scalar_type())));
-  if (!fused(n3)) return at::fft_rfft(X, std::nullopt, 1);
+  // cuFFT returns the transformed dim innermost in memory: make it contiguous, as the
+  // fake implementation (and every other path) promises.
+  if (!fused(n3)) return at::fft_rfft(X, std::nullopt, 1).contiguous();
   const Tensor x = X.contiguous();
   Tensor out = at::empty({B, nf, n1, n2, 2}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tsvd_tube_rfft_cuda", [&] {
@@ -83,7 +85,7 @@ Tensor tube_irfft_impl(const Tensor& Xh, int64_t n3) {
   // Other spectrum lengths (torch.fft.irfft pads or trims) and long tubes go to cuFFT.
   if (nf != n3 / 2 + 1 || !fused(n3)) {
     if (B * n1 * n2 == 0) return at::empty({B, n3, n1, n2}, Xh.options().dtype(rt));
-    return at::fft_irfft(Xh, n3, 1);
+    return at::fft_irfft(Xh, n3, 1).contiguous();
   }
   if (B * n1 * n2 == 0) return at::empty({B, n3, n1, n2}, Xh.options().dtype(rt));
   const Tensor xh = at::view_as_real(Xh.resolve_conj().contiguous());
@@ -169,7 +171,7 @@ Tensor treconstruct_impl(const Tensor& U, const Tensor& S, const Tensor& V,
                              : at::zeros({B, n3, n1, n2}, U.options());
   const Factors fa = factors(U, S, V);
   if (!fused(n3)) {
-    Tensor out = at::fft_irfft(at::matmul(fa.ah, fa.vh.mH()), n3, 1);
+    Tensor out = at::fft_irfft(at::matmul(fa.ah, at::conj_physical(fa.vh).transpose(-2, -1)), n3, 1).contiguous();
     return has_res ? out.add_(*residual) : out;
   }
   // a: (B, nf, n1, 2, r); bt: (B, nf, 2, r, n2) (coalesced along j in the kernel).
@@ -221,7 +223,7 @@ std::tuple<Tensor, Tensor, Tensor> treconstruct_backward_impl(const Tensor& grad
     if (n3 % 2 == 0 && nf > 1) c.index_put_({nf - 1}, 1.0 / double(n3));
     const Tensor gh = at::fft_rfft(grad, std::nullopt, 1) * c.view({1, nf, 1, 1});
     gah = at::matmul(gh, fa.vh);
-    gbh = at::matmul(gh.mH(), fa.ah);
+    gbh = at::matmul(at::conj_physical(gh).transpose(-2, -1), fa.ah);
   } else {
     const Tensor g = grad.contiguous();
     const Tensor a = at::view_as_real(fa.ah).permute({0, 1, 2, 4, 3}).contiguous();
@@ -237,8 +239,12 @@ std::tuple<Tensor, Tensor, Tensor> treconstruct_backward_impl(const Tensor& grad
     gbh = at::view_as_complex(gb.permute({0, 1, 2, 4, 3}).contiguous());
   }
   // A = Uh diag(Sh): gUh = gA conj(Sh), gSh = sum_i conj(Uh) gA.
-  const Tensor guh = gah * fa.sh.conj();
-  const Tensor gsh = (fa.uh.conj() * gah).sum(2, /*keepdim=*/true);
+  // conj_physical, not the lazy conj() view (as on the CPU path): on an H200 with torch
+  // 2.11, every call made from torch.compile'd code (backend "eager" included) gave gU and
+  // gS as if the conjugation were dropped, while gV (no conj) stayed right
+  // (bench/results/h200_*/aot_conj.log).
+  const Tensor guh = gah * at::conj_physical(fa.sh);
+  const Tensor gsh = (at::conj_physical(fa.uh) * gah).sum(2, /*keepdim=*/true);
   Tensor gU = rfft_adjoint(guh, n3);
   Tensor gS = rfft_adjoint(gsh, n3).squeeze(2);
   Tensor gV = rfft_adjoint(gbh, n3);
