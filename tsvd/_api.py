@@ -117,7 +117,7 @@ def tinv(A: torch.Tensor, *, transform="fft") -> torch.Tensor:
 
 
 def tsvd(X: torch.Tensor, k: int | None = None, *, transform="fft", method: str = "auto",
-         oversample: int = 8, tol: float | None = None):
+         oversample: int | None = None, tol: float | None = None):
     """t-SVD ``X = U * fdiag(S) * Vᵀ`` (Lu's ``tsvd``; economy or truncated).
 
     Args:
@@ -130,9 +130,12 @@ def tsvd(X: torch.Tensor, k: int | None = None, *, transform="fft", method: str 
             iteration whose cost grows with k, verified per slice by its residual
             against ``tol``; slices that do not converge fall back to a full SVD), or
             ``"auto"`` (randomized when k is small compared with min(n1, n2)).
-        oversample, tol: randomized method's extra subspace columns and the relative
-            residual accepted per singular triplet (default 1e-6 in float64,
-            2e-4 in float32).
+        oversample: randomized method's extra subspace columns, ``l = k + oversample``
+            (default None: ``k + 16``, see :func:`tsvd._lowrank.auto_oversample`).
+        tol: randomized method's accepted *estimated relative Frobenius error of each
+            slice's principal part* ``U_k diag(S_k) V_kᴴ`` (from the Ritz residuals and the
+            spectral gap at k; default 2e-5 for float32, 1e-10 for float64). Slices above
+            it after the iterations get a full SVD, so the result is always verified.
     Returns:
         ``U (..., n3, n1, k)``, ``S (..., n3, k)`` (diagonal tubes, see :func:`fdiag`),
         ``V (..., n3, n2, k)``, all real, orthogonal in the t-product sense.
@@ -143,12 +146,19 @@ def tsvd(X: torch.Tensor, k: int | None = None, *, transform="fft", method: str 
         k = check_rank("k", k, n1, n2)
     if method not in ("auto", "full", "randomized"):
         raise ValueError(f"method: expected 'auto', 'full' or 'randomized', got {method!r}")
+    if oversample is not None and (isinstance(oversample, bool) or not isinstance(oversample, int)
+                                   or oversample < 0):
+        raise ValueError(f"oversample: expected a non-negative int or None, got {oversample!r}")
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float))
+                            or not tol > 0):            # `not >` also rejects NaN
+        raise ValueError(f"tol: expected a positive number or None, got {tol!r}")
     tr = _transform(transform, n3)
     dt, out_dt = compute_dtype(X), X.dtype
     x = _cast(X, dt)
     p = min(n1, n2)
     if method == "auto":
-        method = "randomized" if (k is not None and 4 * (k + oversample) <= p) else "full"
+        extra = oversample if oversample is not None else k + 16 if k is not None else 0
+        method = "randomized" if (k is not None and 4 * (k + extra) <= p) else "full"
     which = _backend.record("tsvd", _backend.choose("tsvd", x.device, eligible=is_fft(tr)))
     if which == "compiled":
         xh = _ext().tube_rfft(x.reshape(-1, n3, n1, n2)).reshape(*x.shape[:-3], -1, n1, n2)

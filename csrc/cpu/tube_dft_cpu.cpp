@@ -27,9 +27,11 @@ namespace {
 // costs ~n3/2 FMAs per element against the FFT's O(log n3) but streams the big tensor
 // once, in long runs. Measured with bench/kernels.py --ops rfft irfft on the 2-core
 // Xeon (AVX-512), float32, 2026-11-26: rfft is 1.3-1.6x faster than pocketfft at n3 = 12
-// and 48; irfft is 1.4x faster at n3 = 12 but 0.8-0.9x at n3 = 48, hence 32.
+// and 48; irfft 1.4x at n3 = 12 and 0.8-0.9x of a bare pocketfft at n3 = 48, but the
+// pocketfft result along dim 1 needs a strided copy to be contiguous, which made the
+// fallback 0.24x of plain torch.fft.irfft at n3 = 48: the DFT is kept up to 64 both ways.
 constexpr int64_t kDftMaxN3Forward = 64;
-constexpr int64_t kDftMaxN3Inverse = 32;
+constexpr int64_t kDftMaxN3Inverse = 64;
 
 template <typename T> struct DftTile {
   using V = typename Simd<T>::type;
