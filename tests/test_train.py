@@ -185,3 +185,31 @@ def test_average_last_epochs(tiny_data, tmp_path, monkeypatch):
     assert k in avg
     assert not torch.equal(snaps[0][k], snaps[1][k])
     torch.testing.assert_close(avg[k], (snaps[0][k] + snaps[1][k]) / 2)
+
+
+@pytest.mark.parametrize("method", ["lora", "lorapt"])
+def test_finetune_trains_the_adapter_tensors(tiny_data, tmp_path, method):
+    """Every adapter tensor reaches the optimizer: after two Adam steps of train(), the
+    merged model differs from the base in every adapted transformer linear layer (LoRA's
+    B starts at zero and LoRA-PT's U, S, V at the base's principal part, so an adapter left
+    out of the optimizer would leave its layers bit-identical after merging)."""
+    from tsvd.models import build_unetr, load_pretrained
+    from tsvd.peft import load_adapter
+    quiet = dict(progress=False, log=lambda *a: None)
+    base_dir = tmp_path / "base"
+    T.train(_cfg(tiny_data, epochs=1, samples_per_epoch=1), base_dir, **quiet)
+    cfg = _cfg(tiny_data, epochs=1, samples_per_epoch=2, lr=1e-2)
+    cfg["method"] = method
+    cfg["pretrained"] = str(base_dir / "model_last.safetensors")
+    T.train(cfg, tmp_path / "ft", task="finetune", **quiet)
+    base = _weights(base_dir / "model_last.safetensors")
+    model = build_unetr("tiny", out_channels=2)
+    load_pretrained(model, base_dir / "model_last.safetensors")
+    load_adapter(model, tmp_path / "ft" / "adapter_last.safetensors").merge()
+    merged = model.state_dict()
+    layers = [k for k in base if ".blocks." in k and k.endswith("weight") and base[k].dim() == 2]
+    assert len(layers) >= 12 * 3, layers
+    # more than the float32 rounding of merging an untrained LoRA-PT (W = R + U S Vᵀ)
+    same = [k for k in layers
+            if (merged[k] - base[k]).abs().max() <= 1e-4 * base[k].abs().max()]
+    assert not same, f"{method}: adapted layers left unchanged by training: {same}"

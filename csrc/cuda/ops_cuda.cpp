@@ -47,6 +47,11 @@ cudaStream_t stream_of(const Tensor& t) {
 
 bool fused(int64_t n3) { return n3 / 2 + 1 <= tsvd::cuda::kMaxFusedFreq; }
 
+// The stand-alone tube rfft kernel (one thread per tube, O(n3^2) work) against cuFFT. Measured
+// on an H200 (bench/kernels.py --ops rfft, float32, 2026-11-26): 1.32x faster than cuFFT at
+// n3 = 12, 0.21x at n3 = 48; hence cuFFT above 16. (The inverse was 1.27x and 0.99x: kept.)
+bool own_rfft(int64_t n3) { return n3 <= 16 && fused(n3); }
+
 at::ScalarType complex_of(at::ScalarType t) {
   return t == at::kDouble ? at::kComplexDouble : at::kComplexFloat;
 }
@@ -62,7 +67,7 @@ Tensor tube_rfft_impl(const Tensor& X) {
     return at::empty({B, nf, n1, n2}, X.options().dtype(complex_of(X.scalar_type())));
   // cuFFT returns the transformed dim innermost in memory: make it contiguous, as the
   // fake implementation (and every other path) promises.
-  if (!fused(n3)) return at::fft_rfft(X, std::nullopt, 1).contiguous();
+  if (!own_rfft(n3)) return at::fft_rfft(X, std::nullopt, 1).contiguous();
   const Tensor x = X.contiguous();
   Tensor out = at::empty({B, nf, n1, n2, 2}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tsvd_tube_rfft_cuda", [&] {
