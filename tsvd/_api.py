@@ -255,7 +255,14 @@ def tqr(X: torch.Tensor, *, transform="fft", mode: str = "reduced"):
 
 
 def tnn(X: torch.Tensor, *, transform="fft") -> torch.Tensor:
-    """Tensor nuclear norm (Lu's ``tnn``): ``(1/n3) Σ_k ‖X̂_k‖_*`` for the FFT; shape ``(...)``."""
+    """Tensor nuclear norm (Lu's ``tnn``): ``(1/ℓ) Σ_k ‖X̂_k‖_*``; shape ``(...)``.
+
+    ``ℓ = n3`` for the FFT (the sum runs over the full spectrum) and 1 for the orthonormal
+    DCT and for a matrix transform M. That is the ⋆_M tensor nuclear norm (the dual of
+    :func:`tsn`) when M is orthogonal; for ``M Mᵀ = c I`` with ``c != 1`` (Lu's toolbox 2.0
+    convention ``ℓ = c``) divide the result by c; for other invertible M the quantity is
+    still computed but is not the dual norm of :func:`tsn`.
+    """
     check_tensor("X", X, finite=True)
     tr = _transform(transform, X.shape[-3])
     return _cast(ref.tnn(_cast(X, compute_dtype(X)), tr), X.dtype)

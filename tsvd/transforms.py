@@ -172,7 +172,11 @@ _DCT = DCT()
 
 
 def get_transform(transform) -> Transform:
-    """Resolve ``"fft"``, ``"dct"``, a ``Transform`` or an ``(n3, n3)`` matrix."""
+    """Resolve ``"fft"``, ``"dct"``, a ``Transform`` or an ``(n3, n3)`` matrix.
+
+    A matrix is applied in the data's dtype and on the data's device (a copy is made and
+    cached per dtype/device, like a constant), so a CPU matrix works with CUDA tensors.
+    """
     if isinstance(transform, Transform):
         return transform
     if isinstance(transform, str):
