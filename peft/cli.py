@@ -110,7 +110,8 @@ def _add_common(p, *, train=True, data=True):
         p.add_argument("--weight-decay", type=float, help="default 1e-5")
         p.add_argument("--optimizer", choices=["adam", "sgd"],
                        help="adam (default: Adam with amsgrad, as the paper) or sgd (momentum 0.9)")
-        p.add_argument("--loss", choices=["dice", "dicece"], help="default dicece")
+        p.add_argument("--loss", choices=["dice", "dicece", "dice-fg", "dicece-fg"],
+                       help="default dicece; -fg: Dice term over the foreground classes only")
         p.add_argument("--val-every", type=int, help="validate every N epochs (default 1)")
         p.add_argument("--average-last", type=int,
                        help="average the last N epochs' weights at the end (paper: 4)")

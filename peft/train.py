@@ -343,6 +343,11 @@ def train(cfg: dict, out, *, task: str = "finetune", overwrite: bool = False,
             raise RunError(f"train.{k}: expected a positive integer, got {tcfg[k]!r}")
     if not cfg["data"].get("path"):
         raise RunError("data.path (--data): a dataset folder is required")
+    if tcfg.get("optimizer", "adam") not in ("adam", "sgd"):
+        raise RunError(f"train.optimizer: expected adam or sgd, got {tcfg['optimizer']!r}")
+    if str(tcfg["loss"]) not in ("dice", "dicece", "dice-fg", "dicece-fg"):
+        raise RunError(f"train.loss: expected dice, dicece, dice-fg or dicece-fg, got "
+                       f"{tcfg['loss']!r}")
     device = _device(tcfg)
     dist = _Dist(device)
     if tcfg["batch_size"] % dist.world:
@@ -428,12 +433,17 @@ def train(cfg: dict, out, *, task: str = "finetune", overwrite: bool = False,
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda it: max(0.0, 1.0 - it / total) ** power)
     from monai.losses import DiceCELoss, DiceLoss
-    if tcfg["loss"] == "dicece":
-        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    elif tcfg["loss"] == "dice":
-        loss_fn = DiceLoss(to_onehot_y=True, softmax=True)
+    # "-fg": the Dice term over the foreground classes only (the background's Dice is ~1 for a
+    # small structure and only dilutes the gradient); cross-entropy always sees every class
+    lname = str(tcfg["loss"])
+    fg = lname.endswith("-fg")
+    if lname.removesuffix("-fg") == "dicece":
+        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=not fg)
+    elif lname.removesuffix("-fg") == "dice":
+        loss_fn = DiceLoss(to_onehot_y=True, softmax=True, include_background=not fg)
     else:
-        raise RunError(f"train.loss: expected dice or dicece, got {tcfg['loss']!r}")
+        raise RunError(f"train.loss: expected dice, dicece, dice-fg or dicece-fg, got "
+                       f"{tcfg['loss']!r}")
     amp = bool(tcfg.get("amp")) and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
 

@@ -213,3 +213,18 @@ def test_finetune_trains_the_adapter_tensors(tiny_data, tmp_path, method):
     same = [k for k in layers
             if (merged[k] - base[k]).abs().max() <= 1e-4 * base[k].abs().max()]
     assert not same, f"{method}: adapted layers left unchanged by training: {same}"
+
+
+def test_foreground_dice_loss_option(tiny_data, tmp_path):
+    """train.loss "dicece-fg" (Dice term without the background class) trains; an unknown
+    loss name is refused with the config key in the message."""
+    import csv
+    quiet = dict(progress=False, log=lambda *a: None)
+    T.train(_cfg(tiny_data, epochs=1, samples_per_epoch=1, loss="dicece-fg"), tmp_path / "a",
+            **quiet)
+    rows = list(csv.DictReader((tmp_path / "a" / "curves.csv").open()))
+    assert len(rows) == 1 and np.isfinite(float(rows[0]["train_loss"]))
+    with pytest.raises(T.RunError, match=r"train\.loss: expected dice, dicece"):
+        T.train(_cfg(tiny_data, epochs=1, samples_per_epoch=1, loss="focal"), tmp_path / "b",
+                **quiet)
+    assert not (tmp_path / "b").exists()                 # refused before any work
