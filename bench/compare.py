@@ -82,7 +82,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -129,21 +128,8 @@ class CompareError(ValueError):
 # ------------------------------------------------------------------------------------------
 def atomic_write(path, data) -> None:
     """Write ``data`` (bytes or str) to ``path`` through a temporary file + ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(data, str):
-        data = data.encode()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from tsvd.peft.train import _atomic_bytes
+    _atomic_bytes(Path(path), data.encode() if isinstance(data, str) else data)
 
 
 def _json_default(o):

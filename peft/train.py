@@ -828,16 +828,8 @@ def predict(cfg: dict, checkpoint, inputs, output, *, overwrite: bool = False, l
         h.set_data_dtype(np.uint8)
         img = nib.Nifti1Image(pred, aff, header=h)
         img.header.set_slope_inter(1, 0)
-        o.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=o.parent, suffix=".nii.gz", prefix=".pred-")
-        os.close(fd)
-        try:
-            nib.save(img, tmp)
-            os.replace(tmp, o)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        from .embedded import _atomic_save_nifti
+        _atomic_save_nifti(img, o)
         written.append(str(o))
     log(f"wrote {len(written)} prediction(s)")
     return written
