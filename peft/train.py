@@ -55,6 +55,8 @@ DEFAULTS = {
               "weight_decay": 1e-5, "optimizer": "adam", "poly_power": 0.9, "loss": "dicece", "val_every": 1,
               "average_last": 0, "amp": False, "seed": 0, "sw_overlap": 0.25,
               "device": "auto", "threads": None},
+    # post-processing of evaluate/predict (None: the trained run's setting, else off)
+    "infer": {"tta_flip": None, "keep_components": None},
 }
 
 METHODS = ("lorapt", "lora", "pissa", "full", "decoder")
@@ -78,6 +80,27 @@ def merge_config(base: dict, over: dict | None, where: str = "config") -> dict:
         else:
             out[k] = copy.deepcopy(v)
     return out
+
+
+def _infer_options(cfg: dict | None, recorded: dict | None = None) -> dict:
+    """The inference post-processing: ``tta_flip`` (spatial axes whose mirrored prediction is
+    averaged in) and ``keep_components`` (keep the N largest connected foreground components;
+    0 = all). ``cfg["infer"]`` entries that are not None override the ``recorded`` ones (those
+    of the trained run); the result is validated."""
+    out = {"tta_flip": [], "keep_components": 0}
+    for src in (recorded or {}), ((cfg or {}).get("infer") or {}):
+        for k in out:
+            if src.get(k) is not None:
+                out[k] = src[k]
+    ax = out["tta_flip"]
+    if not isinstance(ax, (list, tuple)) or any(
+            isinstance(a, bool) or not isinstance(a, int) or a not in (0, 1, 2) for a in ax):
+        raise RunError(f"infer.tta_flip: expected a list of spatial axes among 0, 1, 2, got {ax!r}")
+    kc = out["keep_components"]
+    if isinstance(kc, bool) or not isinstance(kc, int) or kc < 0:
+        raise RunError(f"infer.keep_components: expected an integer >= 0 (0 = keep all), "
+                       f"got {kc!r}")
+    return {"tta_flip": sorted(set(int(a) for a in ax)), "keep_components": int(kc)}
 
 
 def _atomic_bytes(path: Path, data: bytes) -> None:
@@ -343,6 +366,7 @@ def train(cfg: dict, out, *, task: str = "finetune", overwrite: bool = False,
             raise RunError(f"train.{k}: expected a positive integer, got {tcfg[k]!r}")
     if not cfg["data"].get("path"):
         raise RunError("data.path (--data): a dataset folder is required")
+    infer_opts = _infer_options(cfg)
     if tcfg.get("optimizer", "adam") not in ("adam", "sgd"):
         raise RunError(f"train.optimizer: expected adam or sgd, got {tcfg['optimizer']!r}")
     if str(tcfg["loss"]) not in ("dice", "dicece", "dice-fg", "dicece-fg"):
@@ -480,7 +504,7 @@ def train(cfg: dict, out, *, task: str = "finetune", overwrite: bool = False,
                 "peft": _peft_options(cfg) if adapter is not None else None,
                 "trainable_parameters": n_train, "model_parameters": n_total,
                 "adapter_parameters": n_adapter,
-                "sw_overlap": tcfg["sw_overlap"]}
+                "sw_overlap": tcfg["sw_overlap"], "infer": infer_opts}
     writer = None
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -705,25 +729,39 @@ def load_for_inference(checkpoint, cfg: dict | None = None, log=print):
     return model, info
 
 
-def _infer_case(model, item, info, device, amp=False):
+def _infer_case(model, item, info, device, amp=False, opts=None):
     """Prediction of one preprocessed case mapped back onto its original grid.
 
+    ``opts`` (see :func:`_infer_options`): the softmax of the image mirrored along each
+    ``tta_flip`` axis is averaged with the plain one; after thresholding on the original grid,
+    only the ``keep_components`` largest connected foreground components are kept (MONAI's
+    ``KeepLargestConnectedComponent``; 0 keeps all).
     Returns (uint8 mask in the original voxel order, original affine, original header).
     """
     import nibabel as nib
     from monai.data import MetaTensor
-    from monai.transforms import SpatialResample
+    from monai.transforms import KeepLargestConnectedComponent, SpatialResample
+    opts = opts or {"tta_flip": [], "keep_components": 0}
     patch = info["data"]["patch"]
-    logits = sliding_logits(model, item["image"], patch, info.get("sw_overlap", 0.25),
-                            device, amp)
-    prob = torch.softmax(logits, 0)
-    prob = MetaTensor(prob, affine=item["image"].affine)
+    overlap = info.get("sw_overlap", 0.25)
+    image = item["image"]
+    prob = torch.softmax(sliding_logits(model, image, patch, overlap, device, amp), 0)
+    for ax in opts["tta_flip"]:
+        flipped = torch.flip(_plain(image), [ax + 1])
+        p = torch.softmax(sliding_logits(model, flipped, patch, overlap, device, amp), 0)
+        prob += torch.flip(p, [ax + 1])
+    prob /= 1 + len(opts["tta_flip"])
+    prob = MetaTensor(prob, affine=image.affine)
     orig = nib.load(item["path_image"])
     shape = orig.shape[:3]
     back = SpatialResample(mode="bilinear", padding_mode="zeros", dtype=torch.float32)(
         prob, dst_affine=torch.as_tensor(orig.affine, dtype=torch.float64), spatial_size=shape)
-    pred = (torch.as_tensor(back)[1] > torch.as_tensor(back)[0]).numpy().astype(np.uint8)
-    return pred, orig.affine, orig.header
+    pred = (torch.as_tensor(back)[1] > torch.as_tensor(back)[0]).to(torch.uint8)
+    if opts["keep_components"] > 0 and pred.any():
+        keep = KeepLargestConnectedComponent(applied_labels=[1], is_onehot=False,
+                                             num_components=opts["keep_components"])
+        pred = torch.as_tensor(keep(pred[None].clone()))[0].to(torch.uint8)
+    return pred.numpy().astype(np.uint8), orig.affine, orig.header
 
 
 def _load_label(path, foreground):
@@ -742,8 +780,10 @@ def evaluate(cfg: dict, checkpoint, out, *, split: str = "test", overwrite: bool
     from tqdm.auto import tqdm
     out = Path(out)
     _check_out(out, overwrite, False)
+    _infer_options(cfg)
     device = _device(cfg["train"])
     model, info = load_for_inference(checkpoint, cfg, log)
+    opts = _infer_options(cfg, info.get("infer"))
     model.to(device)
     dcfg = dict(cfg["data"])
     dcfg.update({k: v for k, v in info["data"].items()})
@@ -762,14 +802,14 @@ def evaluate(cfg: dict, checkpoint, out, *, split: str = "test", overwrite: bool
     t0 = time.time()
     for c in tqdm(cases, desc=f"evaluate {split}", disable=not progress, file=sys.stderr):
         item = _apply(comp, c)
-        pred, aff, _ = _infer_case(model, item, info, device, cfg["train"].get("amp"))
+        pred, aff, _ = _infer_case(model, item, info, device, cfg["train"].get("amp"), opts)
         gt = _load_label(c["label"], dcfg.get("foreground"))
         d, h = dice_hd95(torch.from_numpy(pred), torch.from_numpy(gt), voxel_spacing(aff))
         rows.append({"case": c["name"], "dice": d, "hd95_mm": h})
     res = {"checkpoint": info["checkpoint"], "method": info.get("method"), "split": split,
            "dataset": str(dcfg["path"]), "layout": layout, "cases": rows,
            "dice": summarize([r["dice"] for r in rows]),
-           "hd95_mm": summarize([r["hd95_mm"] for r in rows]),
+           "hd95_mm": summarize([r["hd95_mm"] for r in rows]), "infer": opts,
            "time_s": round(time.time() - t0, 1)}
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
@@ -814,8 +854,10 @@ def predict(cfg: dict, checkpoint, inputs, output, *, overwrite: bool = False, l
                 raise RunError(f"{o}: output exists (use --overwrite to replace it)")
     cases = [{"image": str(p), "label": None, "name": p.name} for p in files]
     check_cases(cases, need_label=False)
+    _infer_options(cfg)
     device = _device(cfg["train"])
     model, info = load_for_inference(checkpoint, cfg, log)
+    opts = _infer_options(cfg, info.get("infer"))
     model.to(device)
     dcfg = dict(cfg["data"])
     dcfg.update(info["data"])
@@ -823,7 +865,7 @@ def predict(cfg: dict, checkpoint, inputs, output, *, overwrite: bool = False, l
     written = []
     for c, o in tqdm(list(zip(cases, outs)), desc="predict", disable=not progress, file=sys.stderr):
         item = _apply(comp, c)
-        pred, aff, hdr = _infer_case(model, item, info, device, cfg["train"].get("amp"))
+        pred, aff, hdr = _infer_case(model, item, info, device, cfg["train"].get("amp"), opts)
         h = hdr.copy()
         h.set_data_dtype(np.uint8)
         img = nib.Nifti1Image(pred, aff, header=h)

@@ -228,3 +228,105 @@ def test_foreground_dice_loss_option(tiny_data, tmp_path):
         T.train(_cfg(tiny_data, epochs=1, samples_per_epoch=1, loss="focal"), tmp_path / "b",
                 **quiet)
     assert not (tmp_path / "b").exists()                 # refused before any work
+
+
+# ------------------------------------------------------------------------------------------
+# inference post-processing: flip test-time augmentation, largest connected components
+# ------------------------------------------------------------------------------------------
+class _Pointwise(torch.nn.Module):
+    """Logits (-z, z) with z = x + ramp along the first spatial axis: not mirror-symmetric,
+    so a flip that is not undone exactly would show."""
+
+    def __init__(self, ramp):
+        super().__init__()
+        self.ramp = ramp
+
+    def forward(self, x):
+        z = x + self.ramp.view(1, 1, -1, 1, 1).to(x.dtype)
+        return torch.cat([-z, z], 1)
+
+
+def _case(tmp_path, vol):
+    import nibabel as nib
+    from monai.data import MetaTensor
+    aff = np.diag([1.5, 1.5, 1.5, 1.0])
+    aff[:3, 3] = [-10.0, 4.0, 2.0]
+    path = tmp_path / "img.nii.gz"
+    nib.save(nib.Nifti1Image(vol.astype(np.float32), aff), str(path))
+    item = {"image": MetaTensor(torch.from_numpy(vol[None].astype(np.float32)),
+                                affine=torch.from_numpy(aff)), "path_image": str(path)}
+    info = {"data": {"patch": list(vol.shape)}, "sw_overlap": 0.25}
+    return item, info
+
+
+def test_infer_case_flip_tta_matches_definition(tmp_path):
+    rng = np.random.default_rng(0)
+    vol = rng.normal(size=(16, 16, 16))
+    ramp = torch.linspace(-1.0, 1.0, 16)
+    item, info = _case(tmp_path, vol)
+    model = _Pointwise(ramp).eval()
+    r = ramp.double().numpy()[:, None, None]
+    plain, _, _ = T._infer_case(model, item, info, torch.device("cpu"))
+    np.testing.assert_array_equal(plain, (vol + r > 0).astype(np.uint8))
+    tta, _, _ = T._infer_case(model, item, info, torch.device("cpu"),
+                              opts={"tta_flip": [0], "keep_components": 0})
+
+    def sig(z):
+        return 1 / (1 + np.exp(-2 * z))        # softmax of (-z, z), class 1
+    # the mirrored prediction, mirrored back, sees the ramp reversed
+    want = (sig(vol + r) + sig(vol - r)) / 2 > 0.5
+    assert (want != (plain > 0)).any()         # the test can tell TTA from no TTA
+    np.testing.assert_array_equal(tta, want.astype(np.uint8))
+
+
+def test_infer_case_keeps_the_largest_components(tmp_path):
+    vol = -np.ones((20, 20, 20))
+    vol[1:6, 1:6, 1:6] = 1          # 125 voxels
+    vol[10:14, 10:14, 10:14] = 1    # 64
+    vol[16:18, 1:3, 15:17] = 1      # 8
+    item, info = _case(tmp_path, vol)
+    model = _Pointwise(torch.zeros(20)).eval()
+    cpu = torch.device("cpu")
+    every, _, _ = T._infer_case(model, item, info, cpu)
+    assert every.sum() == 125 + 64 + 8
+    two, _, _ = T._infer_case(model, item, info, cpu, opts={"tta_flip": [], "keep_components": 2})
+    want = (vol > 0)
+    want[16:18, 1:3, 15:17] = False
+    np.testing.assert_array_equal(two, want.astype(np.uint8))
+    one, _, _ = T._infer_case(model, item, info, cpu, opts={"tta_flip": [], "keep_components": 1})
+    assert one.sum() == 125 and one[1:6, 1:6, 1:6].all()
+
+
+def test_infer_options_precedence_and_errors():
+    rec = {"tta_flip": [0], "keep_components": 2}
+    assert T._infer_options(None, rec) == rec
+    cfg = T.merge_config(T.DEFAULTS, {"infer": {"keep_components": 0}})
+    assert T._infer_options(cfg, rec) == {"tta_flip": [0], "keep_components": 0}
+    assert T._infer_options(T.DEFAULTS) == {"tta_flip": [], "keep_components": 0}
+    for bad, msg in [({"tta_flip": [3]}, r"infer\.tta_flip"), ({"tta_flip": 0}, r"infer\.tta_flip"),
+                     ({"keep_components": -1}, r"infer\.keep_components"),
+                     ({"keep_components": 1.5}, r"infer\.keep_components")]:
+        with pytest.raises(T.RunError, match=msg):
+            T._infer_options(T.merge_config(T.DEFAULTS, {"infer": bad}))
+
+
+def test_finetune_records_and_evaluate_applies_postprocessing(tiny_data, tmp_path):
+    """A run trained with infer settings records them; evaluate uses them unless overridden;
+    a bad setting is refused before any work."""
+    quiet = dict(progress=False, log=lambda *a: None)
+    cfg = _cfg(tiny_data, epochs=1, samples_per_epoch=1)
+    cfg["infer"] = {"tta_flip": [0], "keep_components": 2}
+    T.train(cfg, tmp_path / "run", **quiet)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["infer"] == {"tta_flip": [0], "keep_components": 2}
+    ev = T.evaluate(_cfg(tiny_data), tmp_path / "run", tmp_path / "ev", **quiet)
+    assert ev["infer"] == {"tta_flip": [0], "keep_components": 2}
+    over = _cfg(tiny_data)
+    over["infer"] = {"tta_flip": [], "keep_components": None}
+    ev2 = T.evaluate(over, tmp_path / "run", tmp_path / "ev2", **quiet)
+    assert ev2["infer"] == {"tta_flip": [], "keep_components": 2}
+    bad = _cfg(tiny_data)
+    bad["infer"] = {"tta_flip": None, "keep_components": -2}
+    with pytest.raises(T.RunError, match=r"infer\.keep_components"):
+        T.evaluate(bad, tmp_path / "run", tmp_path / "ev3", **quiet)
+    assert not (tmp_path / "ev3").exists()
