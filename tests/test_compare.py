@@ -276,9 +276,11 @@ def test_argument_errors():
     assert q["seeds"] == 1 and len(q["protocols"]) == 1
 
 
-def test_end_to_end_tiny_preset_real_training(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_end_to_end_tiny_preset_real_training(tmp_path, workers):
     """The real train()/evaluate() on generated tiny data: the harness's wiring (summary,
-    curves, artefact, metrics) works, and a resumed pass retrains nothing."""
+    curves, artefact, metrics) works, in one process and with 2 worker processes, and a
+    resumed pass retrains nothing."""
     pytest.importorskip("monai")
     import torch
     from test_data import make_dataset
@@ -292,8 +294,13 @@ def test_end_to_end_tiny_preset_real_training(tmp_path):
     kw = dict(datasets={"p": data}, pretrained=tmp_path / "base.safetensors", device="cpu",
               log=lambda *a: None)
     cmp = C.Comparison(tmp_path / "out", S, C.parse_variants("decoder,lorapt:2"),
-                       {"decoder": [1e-3], "lorapt": [1e-3, 3e-3]}, **kw)
+                       {"decoder": [1e-3], "lorapt": [1e-3, 3e-3]}, workers=workers,
+                       threads_per_worker=1, **kw)
     cmp.run()
+    runs = json.loads((tmp_path / "out" / "runs.json").read_text())
+    assert len(runs) == 3 and all(r["workers"] == workers for r in runs)
+    assert all(r["threads"] == (1 if workers > 1 else torch.get_num_threads()) for r in runs)
+    assert not list((tmp_path / "out").rglob("worker_*.json"))
     summ = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [s["variant"] for s in summ] == ["decoder", "lorapt-r2"]
     for s in summ:
