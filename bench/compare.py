@@ -67,9 +67,16 @@ Outputs in ``--out`` (every file written to a temporary name and renamed into pl
     dice_vs_params.png       test Dice (mean ± std) against trainable parameters
     training_curves.png      training loss and validation Dice per epoch (mean over seeds)
 
+Parallel runs: ``--workers N`` (default 2 on a CPU with 2 or more cores, 1 on CUDA) trains N
+runs at once, each in its own ``python compare.py --worker SPEC`` process with CPU cores / N
+torch threads; the sweep runs all finish before the learning rates are chosen and the final
+runs start. Results and reports are written by the main process only.
+
 Time: before starting, a short calibration (a few training steps of every variant on random
-input, and the preprocessing of one subject) gives the estimated total, printed with the plan;
-after every run the remaining time is re-estimated from the runs measured so far.
+input, and the preprocessing of one subject) gives the estimated total, printed with the plan
+(it assumes the workers do not slow each other down, so it is optimistic: 51 min estimated,
+1 h 30 min measured for the full comparison on 2 cores); after every run the remaining time
+is re-estimated from the runs measured so far.
 """
 from __future__ import annotations
 
@@ -862,6 +869,7 @@ def aggregate(runs: list[dict], variants: list[dict]) -> list[dict]:
             "artefact_bytes": first("artefact_bytes"),
             "time_per_step_s": seed_stats([r.get("time_per_step_s") for r in rs])["mean"],
             "peak_mem_mb": seed_stats([r.get("peak_mem_mb") for r in rs])["mean"],
+            "workers": first("workers"), "threads": first("threads"),
         })
     return out
 
@@ -880,7 +888,15 @@ def markdown(summ: list[dict], S: dict, steps: int) -> str:
              f"{S['batch_size']} ({steps} steps) per run; seeds: {S['seeds']}; Dice and HD95 "
              f"on {S['n_test']} test subjects per protocol, mean ± std over seeds "
              f"(std: sample, ddof=1). Learning rate: best validation Dice of the sweep "
-             f"(seed 0).", ""]
+             f"(seed 0)."]
+    par = sorted({(s.get("workers"), s.get("threads")) for s in summ
+                  if s.get("workers") is not None})
+    if par:
+        lines[-1] += " s/step: training time per optimizer step of one run (augmentation, " \
+            "forward, backward, update), with " + " / ".join(
+                f"{w} run(s) at once × {t} thread(s)" for w, t in par) + \
+            "; peak mem: that process's peak resident set."
+    lines.append("")
     for regime in dict.fromkeys(s["regime"] for s in summ):
         rs = [s for s in summ if s["regime"] == regime]
         frac = S["regimes"].get(regime)
