@@ -313,15 +313,17 @@ DEMO = {
 }
 
 
-def pretrain_config(S: dict, src, *, seed: int = 0, device=None) -> dict:
-    """The training config of the source-task pre-training of demo settings ``S``
-    (:data:`DEMO`'s layout) on the source dataset folder ``src``."""
+def stage_config(S: dict, path, stage: str, *, method: str = "lorapt", seed: int = 0,
+                 device=None) -> dict:
+    """The training config of demo settings ``S`` (:data:`DEMO`'s layout) for ``stage``
+    (``"pretrain"`` or ``"finetune"``) on the dataset folder ``path``."""
     from . import train as T
     c = T.merge_config(T.DEFAULTS, {
-        "data": {"path": str(src), "format": "eadc", "spacing": S["spacing"],
+        "data": {"path": str(path), "format": "eadc", "spacing": S["spacing"],
                  "roi": "mni-hippocampus", "flip_axes": S["flip_axes"]},
-        "model": {"preset": S["preset"]}, "method": "lorapt",
-        "train": dict(S["pretrain"], seed=seed, device=device or "auto")})
+        "model": {"preset": S["preset"]}, "method": method,
+        "train": dict(S[stage], seed=seed, device=device or "auto"),
+        "infer": dict(S.get("infer") or {})})
     return _resolve_roi(c)
 
 
@@ -333,7 +335,7 @@ def cached_pretrain(S: dict, src, cache, *, seed: int = 0, device=None, progress
     change the weights); an interrupted pre-training resumes."""
     import hashlib
     from . import train as T
-    pcfg = pretrain_config(S, src, seed=seed, device=device)
+    pcfg = stage_config(S, src, "pretrain", seed=seed, device=device)
     key = {k: v for k, v in pcfg.items() if k != "infer"}
     tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     pdir = Path(cache) / "pretrained" / f"unetr-{S['preset']}-source-{tag}"
@@ -390,22 +392,13 @@ def demo(out=None, cache=None, dataset=None, method=None, pretrain_epochs=None,
                           workers=workers, log=log)
     times["data"] = time.time() - t
 
-    def cfg_for(path, stage):
-        c = T.merge_config(T.DEFAULTS, {
-            "data": {"path": str(path), "format": "eadc", "spacing": S["spacing"],
-                     "roi": "mni-hippocampus", "flip_axes": S["flip_axes"]},
-            "model": {"preset": S["preset"]}, "method": method,
-            "train": dict(S[stage], seed=seed, device=device or "auto"),
-            "infer": dict(S.get("infer") or {})})
-        return _resolve_roi(c)
-
     # 2. pre-training (cached by its settings)
     t = time.time()
     base = cached_pretrain(S, src, cache, seed=seed, device=device, progress=progress, log=log)
     times["pretrain"] = time.time() - t
     # 3. fine-tuning
     t = time.time()
-    fcfg = cfg_for(tgt, "finetune")
+    fcfg = stage_config(S, tgt, "finetune", method=method, seed=seed, device=device)
     fcfg["pretrained"] = str(base)
     out.mkdir(parents=True, exist_ok=True)
     fs = T.train(fcfg, out / "finetune", task="finetune", overwrite=True, progress=progress,

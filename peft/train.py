@@ -761,7 +761,7 @@ def _infer_case(model, item, info, device, amp=False, opts=None):
         keep = KeepLargestConnectedComponent(applied_labels=[1], is_onehot=False,
                                              num_components=opts["keep_components"])
         pred = torch.as_tensor(keep(pred[None].clone()))[0].to(torch.uint8)
-    return pred.numpy().astype(np.uint8), orig.affine, orig.header
+    return pred.numpy(), orig.affine, orig.header
 
 
 def _load_label(path, foreground):
