@@ -112,8 +112,8 @@ NAMES = {"decoder": "decoder-only", "full": "full", "lora": "LoRA", "pissa": "Pi
 #: the full comparison (CPU preset). Sizing: 6 variants, 2 protocols, 2 regimes, 3 seeds =
 #: 72 final runs + 12 sweep runs (6 of them reused as final runs) = 78 trainings of 64 steps
 #: (batch 1, as the demo) + 72 test evaluations. On this 2-core machine (2026-11-27), with
-#: 2 worker processes of 1 thread: about 1.7 s per step and worker, i.e. about 1.6 h in all,
-#: plus the one-off dataset building and pre-training (cached). Post-processing as the demo:
+#: 2 worker processes of 1 thread: 1.5-1.9 s per step and worker, 1 h 30 min in all
+#: (measured), plus the one-off dataset building and pre-training (cached). Post-processing as the demo:
 #: the 2 largest connected components are kept (left and right hippocampus).
 FULL = {
     "preset": "cpu", "spacing": 1.5, "flip_axes": [0], "roi": "mni-hippocampus",
