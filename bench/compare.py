@@ -1164,8 +1164,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=int,
                     help="runs trained at once, each in its own process with CPU threads / "
                     "workers torch threads (default: 2 on a CPU with 2 or more cores, 1 on "
-                    "CUDA). On this 2-core machine 2 workers x 1 thread made about 1.3x the "
-                    "training steps per second of 1 x 2 threads; the time per step in the "
+                    "CUDA). On this 2-core machine (2026-11-27, batch 2 steps) 2 workers x 1 "
+                    "thread made about 1.3x the training steps per second of 1 x 2 threads; the time per step in the "
                     "table is then that of one worker sharing the machine")
     ap.add_argument("--estimate-only", action="store_true",
                     help="build data / pre-train if needed, calibrate, print the plan and the "

@@ -303,8 +303,9 @@ DEMO = {
     "pretrain": {"epochs": 10, "samples_per_epoch": 16, "batch_size": 2, "lr": 1e-3},
     # Fine-tuning, measured 2026-11-26/27 on this 2-core VM (held-out test Dice, 6 subjects,
     # no post-processing): batch 2: lr 1e-3 x 10 epochs 0.590; 3e-3 x 20 0.713; 5e-3 x 20 0.720;
-    # 1e-2 collapsed to background. Batch 1 (twice the updates, ~0.8x the time per sample):
-    # 3e-3 x 20 0.796; 5e-3 x 20 0.799. Keeping the 2 largest components (left and right
+    # 1e-2 collapsed to background. Batch 1 (twice the updates; the fine-tuning stage took
+    # 7 min 58 s on 2026-11-27 vs 8 min 00 s at batch 2 on 2026-11-26): 3e-3 x 20 0.796;
+    # 5e-3 x 20 0.799. Keeping the 2 largest components (left and right
     # hippocampus) added 0.005-0.012 Dice and cut HD95 (5.99 -> 2.51 mm at 5e-3); flip
     # test-time augmentation was +0.008 / -0.007, so it is off.
     "finetune": {"epochs": 20, "samples_per_epoch": 16, "batch_size": 1, "lr": 5e-3},
