@@ -11,8 +11,8 @@ import os
 
 from setuptools import setup
 
-PACKAGES = ["tsvd", "tsvd.peft", "tsvd.models"]
-PACKAGE_DIR = {"tsvd": "tsvd", "tsvd.peft": "peft", "tsvd.models": "models"}
+PACKAGES = ["tsvd", "tsvd.peft", "tsvd.peft.seg", "tsvd.models"]
+PACKAGE_DIR = {"tsvd": "tsvd", "tsvd.peft": "peft", "tsvd.peft.seg": "peft/seg", "tsvd.models": "models"}
 
 
 def extensions():
@@ -60,5 +60,5 @@ setup(
                  "tensorboard", "matplotlib", "scipy"],
         "test": ["pytest", "hypothesis", "scipy"],
     },
-    entry_points={"console_scripts": ["lorapt=tsvd.peft.cli:main"]},
+    entry_points={"console_scripts": ["lorapt=tsvd.peft.seg.cli:main"]},
 )

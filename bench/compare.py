@@ -23,16 +23,16 @@ What is compared (``--variants``, default ``decoder,full,lora:8,pissa:8,lorapt:4
 Protocol, identical for every variant (only the method, its rank and the learning rate
 differ; ``tests/test_compare.py`` checks this on the configurations handed to ``train()``):
 
-1. Data: the embedded datasets of ``tsvd.peft.embedded`` (MNI152 template warped into
+1. Data: the embedded datasets of ``tsvd.peft.seg.embedded`` (MNI152 template warped into
    synthetic subjects, hippocampus labelled by each atlas protocol), built once with dataset
    seed 0 and cached; train / validation / test subjects are disjoint and the same for every
    run. Low-data regime: the first ``round(--low-data-fraction × n_train)`` training subjects
    (``data.max_train`` of the training config), same validation and test subjects.
 2. Pre-trained weights: one UNETR pre-trained on the embedded source task (subcortical
-   structures other than the hippocampus) through ``tsvd.peft.train.train(task="pretrain")``
+   structures other than the hippocampus) through ``tsvd.peft.seg.train.train(task="pretrain")``
    with the settings of ``lorapt demo`` (cached in the cache folder, shared with the demo
    when the settings agree), or ``--pretrained CKPT``.
-3. Fine-tuning: ``tsvd.peft.train.train(task="finetune")`` with the same epochs, samples per
+3. Fine-tuning: ``tsvd.peft.seg.train.train(task="finetune")`` with the same epochs, samples per
    epoch, batch size, poly learning-rate schedule, loss, augmentation and seed for every
    variant; the checkpoint evaluated is the best-on-validation epoch.
 4. Learning rate, per method (``--sweep method``, default): each variant trains every rate
@@ -42,7 +42,7 @@ differ; ``tests/test_compare.py`` checks this on the configurations handed to ``
    (about twice the time). A final run whose configuration is a sweep run's (seed 0 at the
    chosen rate) *is* that run: it is evaluated on the test split, not trained twice.
    Final runs go seed by seed, so an interrupted comparison has complete one-seed tables.
-5. Test: ``tsvd.peft.train.evaluate(split="test")``: Dice and HD95 (mm) per test subject on
+5. Test: ``tsvd.peft.seg.train.evaluate(split="test")``: Dice and HD95 (mm) per test subject on
    its original grid; a run's numbers are the means over the test subjects, the table gives
    the mean ± sample standard deviation (ddof = 1) of those over the seeds.
 
@@ -136,7 +136,7 @@ class CompareError(ValueError):
 # ------------------------------------------------------------------------------------------
 def atomic_write(path, data) -> None:
     """Write ``data`` (bytes or str) to ``path`` through a temporary file + ``os.replace``."""
-    from tsvd.peft.train import _atomic_bytes
+    from tsvd.peft.seg.train import _atomic_bytes
     _atomic_bytes(Path(path), data.encode() if isinstance(data, str) else data)
 
 
@@ -325,7 +325,7 @@ def _cuda_available() -> bool:
 
 
 def _train_module():
-    from tsvd.peft import train as T
+    from tsvd.peft.seg import train as T
     return T
 
 
@@ -333,8 +333,8 @@ class Comparison:
     """Plans, runs (resumably) and reports the comparison.
 
     ``datasets``: protocol -> dataset folder (EADC layout); ``pretrained``: base checkpoint.
-    ``train_fn`` / ``evaluate_fn`` default to :func:`tsvd.peft.train.train` and
-    :func:`tsvd.peft.train.evaluate` (the tests replace them).
+    ``train_fn`` / ``evaluate_fn`` default to :func:`tsvd.peft.seg.train.train` and
+    :func:`tsvd.peft.seg.train.evaluate` (the tests replace them).
     """
 
     def __init__(self, out, settings: dict, variants: list[dict], lr_grid: dict, *,
@@ -375,7 +375,7 @@ class Comparison:
     # -- configuration ---------------------------------------------------------------------
     @staticmethod
     def _count_train(path: Path) -> int:
-        from tsvd.peft.data import load_cases
+        from tsvd.peft.seg.data import load_cases
         _, splits, _ = load_cases(path, "eadc")
         n = len(splits["train"])
         if n < 1:
@@ -383,13 +383,13 @@ class Comparison:
         return n
 
     def config(self, protocol: str, regime: str, variant: dict, lr: float, seed: int) -> dict:
-        """The training configuration (``tsvd.peft.train`` schema) of one run.
+        """The training configuration (``tsvd.peft.seg.train`` schema) of one run.
 
         Everything but ``method``, ``peft.rank``, ``train.lr`` (and ``train.seed`` across
         seeds) is the same for every variant of a (regime, protocol)."""
         T = _train_module()
         from tsvd.models import preset_kwargs
-        from tsvd.peft.embedded import HIPPOCAMPUS_ROI_MM
+        from tsvd.peft.seg.embedded import HIPPOCAMPUS_ROI_MM
         S = self.S
         patch = list(preset_kwargs(S["preset"])["img_size"])
         frac = float(S["regimes"][regime])
@@ -1008,7 +1008,7 @@ def plot_curves(runs: list[dict], variants: list[dict], path) -> None:
 # ------------------------------------------------------------------------------------------
 def prepare_data(S: dict, cache: Path, log=print) -> dict:
     """Build (or reuse) the embedded target datasets; protocol -> folder."""
-    from tsvd.peft import embedded as E
+    from tsvd.peft.seg import embedded as E
     bad = [p for p in S["protocols"] if p not in E.PROTOCOLS]
     if bad:
         raise CompareError(f"--protocols: unknown {bad} (expected some of "
@@ -1022,10 +1022,10 @@ def prepare_data(S: dict, cache: Path, log=print) -> dict:
 
 def pretrain(S: dict, cache: Path, device="auto", log=print, progress=False) -> Path:
     """The pre-trained base: ``lorapt demo``'s source-task pre-training (its settings from
-    ``tsvd.peft.cli.DEMO``), run through ``train(task="pretrain")``, cached by its settings
+    ``tsvd.peft.seg.cli.DEMO``), run through ``train(task="pretrain")``, cached by its settings
     (the same cache entry as the demo's when the settings agree). Returns the weights file."""
-    from tsvd.peft import cli
-    from tsvd.peft import embedded as E
+    from tsvd.peft.seg import cli
+    from tsvd.peft.seg import embedded as E
     D = cli.DEMO
     src = E.build_dataset("source", n_train=D["source_train"], n_valid=D["source_valid"],
                           n_test=0, spacing=D["spacing"], seed=0, cache_dir=cache,
@@ -1046,8 +1046,8 @@ def calibrate(S: dict, variants: list[dict], dataset: Path, device="auto", steps
     from monai.transforms import Compose
     from tsvd.models import build_unetr, preset_kwargs
     from tsvd.peft import adapt
-    from tsvd.peft.data import eval_transforms, load_cases
-    from tsvd.peft.embedded import HIPPOCAMPUS_ROI_MM
+    from tsvd.peft.seg.data import eval_transforms, load_cases
+    from tsvd.peft.seg.embedded import HIPPOCAMPUS_ROI_MM
     dev = torch.device("cuda" if (device in (None, "auto") and torch.cuda.is_available())
                        else ("cpu" if device in (None, "auto") else device))
     size = list(preset_kwargs(S["preset"])["img_size"])
@@ -1252,7 +1252,7 @@ def _main(args) -> int:
     import torch
     if args.threads:
         torch.set_num_threads(int(args.threads))
-    from tsvd.peft import embedded as E
+    from tsvd.peft.seg import embedded as E
     cache = Path(args.cache) if args.cache else E.default_cache_dir()
     plan_path = out / "plan.json"
     plan_obj = {"settings": S, "variants": variants, "lr_grid": grid,

@@ -1,6 +1,6 @@
 """``python -m tsvd.peft``: the ``lorapt`` command-line tool."""
 import sys
 
-from .cli import main
+from .seg.cli import main
 
 sys.exit(main())

@@ -13,7 +13,7 @@ nib = pytest.importorskip("nibabel")
 pytest.importorskip("monai")
 
 from test_data import AFFINE, SHAPE, make_case, make_dataset  # noqa: E402
-from tsvd.peft import cli  # noqa: E402
+from tsvd.peft.seg import cli  # noqa: E402
 
 TINY = ["--preset", "tiny", "--spacing", "1", "--threads", "2", "--quiet"]
 
@@ -122,7 +122,7 @@ def test_merged_prediction_equals_unmerged_model(runs):
     import torch
     from tsvd.models import build_unetr, load_pretrained
     from tsvd.peft import load_adapter
-    from tsvd.peft.train import load_for_inference
+    from tsvd.peft.seg.train import load_for_inference
     merged, _ = load_for_inference(runs["ft"])
     m = build_unetr("tiny")
     load_pretrained(m, str(runs["pre"] / "model_last.safetensors"))

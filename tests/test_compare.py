@@ -53,7 +53,7 @@ def _score(cfg, salt):
 
 
 class FakeTrainer:
-    """Stands in for tsvd.peft.train.train / evaluate; records every configuration."""
+    """Stands in for tsvd.peft.seg.train.train / evaluate; records every configuration."""
 
     def __init__(self, fail_after=None):
         self.train_cfgs, self.eval_calls = [], []

