@@ -11,8 +11,23 @@ import os
 
 from setuptools import setup
 
-PACKAGES = ["tsvd", "tsvd.peft", "tsvd.peft.seg", "tsvd.models"]
-PACKAGE_DIR = {"tsvd": "tsvd", "tsvd.peft": "peft", "tsvd.peft.seg": "peft/seg", "tsvd.models": "models"}
+# the card's folders mapped onto import names; sub-packages (peft/seg, ...) are found below them
+ROOTS = {"tsvd": "tsvd", "tsvd.peft": "peft", "tsvd.models": "models"}
+
+
+def _packages():
+    names, dirs = [], {}
+    for name, folder in ROOTS.items():
+        for sub, _, files in os.walk(folder):
+            if "__init__.py" in files and "__pycache__" not in sub:
+                rel = os.path.relpath(sub, folder)
+                pkg = name if rel == "." else name + "." + rel.replace(os.sep, ".")
+                names.append(pkg)
+                dirs[pkg] = sub.replace(os.sep, "/")
+    return sorted(set(names)), dirs
+
+
+PACKAGES, PACKAGE_DIR = _packages()
 
 
 def extensions():
