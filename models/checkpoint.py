@@ -294,6 +294,24 @@ def load_pretrained(model: nn.Module, source, *, strict_shapes: bool = True,
 # --------------------------------------------------------------------------------------
 # writing
 # --------------------------------------------------------------------------------------
+_TMP_TAG = ".tsvdtmp"
+
+
+def remove_stale_temporaries(folder) -> list:
+    """Delete the temporary files that :func:`atomic_write` left in ``folder`` (not
+    recursive) when its process was killed mid-write; returns their paths. Only names of the
+    form ``.NAME.XXXX.tsvdtmp...`` are touched."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    out = []
+    for p in folder.iterdir():
+        if p.name.startswith(".") and _TMP_TAG in p.name and p.is_file():
+            p.unlink(missing_ok=True)
+            out.append(p)
+    return out
+
+
 def atomic_write(path, write_fn) -> Path:
     """Write ``path`` atomically: ``write_fn(tmp_path)`` writes a temporary file in the same
     folder, which then replaces ``path`` with ``os.replace``; on failure the temporary file
@@ -302,7 +320,10 @@ def atomic_write(path, write_fn) -> Path:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise FileNotFoundError(f"path: folder {parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    # the temporary name keeps the target's suffixes (writers such as nibabel pick the format
+    # from them) and is recognised by remove_stale_temporaries()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_TAG + "".join(path.suffixes),
+                               dir=parent)
     os.close(fd)
     try:
         write_fn(tmp)
