@@ -343,3 +343,49 @@ def test_valid_inputs_still_work_next_to_the_bad_ones():
     assert tsvd.tinv(SQ + 5 * tsvd.teye(3, 4, dtype=torch.float64)).shape == SQ.shape
     with tsvd.use_backend("reference"):                           # same device: ok
         assert tsvd.tprod(A.to("meta"), B.to("meta")).device.type == "meta"
+
+
+def _matrix_with_condition(n: int, cond: float) -> torch.Tensor:
+    """Q1 diag(1 .. 1/cond) Q2ᵀ: a matrix whose 2-norm condition number is ``cond``."""
+    g = torch.Generator().manual_seed(3)
+    q1 = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    q2 = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    s = torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), n, dtype=torch.float64)
+    return q1 @ torch.diag(s) @ q2.T
+
+
+@pytest.mark.parametrize("cond, ok32", [(1e3, True), (5e4, True), (4e7, False), (1e12, False)])
+def test_matrix_transform_conditioning_follows_the_dtype(cond, ok32):
+    """A matrix whose condition number makes float32 results meaningless is refused for
+    float32 data (naming the limit) and accepted for float64 data; where accepted in float32,
+    the product is within 1e-2 of the float64 one (the documented bound)."""
+    M = _matrix_with_condition(4, cond)
+    A64, B64 = rand(4, 3, 3, dtype=torch.float64), rand(4, 3, 2, dtype=torch.float64)
+    ref = tsvd.tprod(A64, B64, transform=M)                     # float64: always accepted
+    if ok32:
+        out = tsvd.tprod(A64.float(), B64.float(), transform=M)
+        assert float((out.double() - ref).norm() / ref.norm()) < 1e-2
+    else:
+        with pytest.raises(ValueError, match=r"transform: .*condition number .* too large for "
+                                             r"torch.float32"):
+            tsvd.tprod(A64.float(), B64.float(), transform=M)
+
+
+def test_matrix_transform_on_the_meta_device():
+    mat = torch.eye(4, device="meta")
+    out = tsvd.tprod(A.to("meta"), B.to("meta"), transform=mat)
+    assert out.device.type == "meta" and out.shape == (4, 3, 2)
+
+
+def test_low_precision_overflow_is_an_error_not_inf():
+    """Singular values above float16's range: an OverflowError naming the dtype, never Inf;
+    the same input in float32 gives the float64 singular values."""
+    X16 = (rand(3, 4, 4, dtype=torch.float32).clamp(-2, 2) * 3e4).half()
+    assert bool(torch.isfinite(X16).all())
+    with pytest.raises(OverflowError, match="float16"):
+        tsvd.tsvd(X16, 2)
+    S32 = tsvd.tsvd(X16.float(), 2)[1]
+    S64 = tsvd.tsvd(X16.double(), 2)[1]
+    assert torch.allclose(S32.double(), S64, rtol=1e-4)
+    small = tsvd.tsvd((X16.float() / 1e3).half(), 2)[1]           # fits: float16 as given
+    assert small.dtype == torch.float16 and bool(torch.isfinite(small).all())

@@ -27,7 +27,19 @@ def _ext():
 
 
 def _cast(x, dt):
-    return x if x is None or x.dtype == dt else x.to(dt)
+    """``x`` in dtype ``dt``. Narrowing a finite result to float16/bfloat16 must stay finite:
+    an overflow (e.g. singular values above 65504 in float16) is an ``OverflowError``, never a
+    silent Inf; compute in float32 (``X.float()``) to get such results."""
+    if x is None or x.dtype == dt:
+        return x
+    y = x.to(dt)
+    if dt in (torch.float16, torch.bfloat16) and y.device.type != "meta" \
+            and not bool(torch.isfinite(y).all()) and bool(torch.isfinite(x).all()):
+        big = float(x.abs().max())
+        raise OverflowError(f"result: values up to {big:.4g} do not fit in {dt} (largest finite "
+                            f"{torch.finfo(dt).max:.4g}); pass the input as float32 to get a "
+                            f"float32 result")
+    return y
 
 
 def _transform(transform, n3, name="X"):

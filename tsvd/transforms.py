@@ -87,8 +87,23 @@ def dct_matrix(n3: int, *, dtype=torch.float64, device=None) -> torch.Tensor:
     return c.to(dtype=dtype, device=device)
 
 
+def _max_cond(dtype) -> float:
+    """Largest condition number accepted for a matrix transform applied to ``dtype`` data:
+    ``1 / (100 eps(dtype))`` (float32: 8.4e4, float64: 4.5e13). A round trip through M and
+    M⁻¹ loses up to about ``cond(M) eps`` relative accuracy, so this bounds the loss by ~1 %.
+    float16/bfloat16 data are computed in float32 and use float32's limit."""
+    if dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    return 1.0 / (100.0 * torch.finfo(dtype).eps)
+
+
 class MatrixTransform(Transform):
-    """``X̂ = M ×₃ X`` for an invertible real ``(n3, n3)`` matrix ``M``."""
+    """``X̂ = M ×₃ X`` for an invertible real ``(n3, n3)`` matrix ``M``.
+
+    The matrix is checked when the transform is made (finite, invertible in float64:
+    condition number at most ``1 / (100 eps)`` of float64) and again for each computation
+    dtype it is used with (float32 data: condition number at most 8.4e4, see
+    :func:`_max_cond`); a matrix on the meta device is taken as given (shapes only)."""
 
     name = "matrix"
 
@@ -98,22 +113,34 @@ class MatrixTransform(Transform):
             raise ValueError(f"transform: expected a square (n3, n3) matrix, got {shape}")
         if m.is_complex() or not m.is_floating_point():
             raise TypeError(f"transform: expected a real floating matrix, got dtype {m.dtype}")
-        if check:
-            if not bool(torch.isfinite(m).all()):
-                raise ValueError("transform: matrix contains NaN or Inf")
-            sv = torch.linalg.svdvals(m.double())
-            if sv[-1] <= sv[0] * m.shape[0] * torch.finfo(torch.float64).eps * 10 or sv[0] == 0:
-                raise ValueError(
-                    f"transform: matrix is not invertible (condition number "
-                    f"{(sv[0] / sv[-1]).item() if sv[-1] > 0 else float('inf'):.3g})")
         self.name = name
-        self.m = m.double()
-        self.minv = torch.linalg.inv(self.m)
+        self.cond = None                  # condition number (float64), None on the meta device
+        if m.device.type == "meta":       # no values to check: shapes only (torch.compile, fake)
+            self.m = m.double()
+            self.minv = torch.empty_like(self.m)
+        else:
+            if check:
+                if not bool(torch.isfinite(m).all()):
+                    raise ValueError("transform: matrix contains NaN or Inf")
+                sv = torch.linalg.svdvals(m.double())
+                self.cond = float(sv[0] / sv[-1]) if float(sv[-1]) > 0 else float("inf")
+                if not self.cond <= _max_cond(torch.float64):
+                    raise ValueError(
+                        f"transform: matrix is not invertible in float64 (condition number "
+                        f"{self.cond:.3g} > {_max_cond(torch.float64):.3g})")
+            self.m = m.double()
+            self.minv = torch.linalg.inv(self.m)
         self._cache: dict = {}
 
     def _mats(self, dtype, device):
         key = (dtype, device)
         if key not in self._cache:
+            if self.cond is not None and not self.cond <= _max_cond(dtype):
+                raise ValueError(
+                    f"transform: matrix condition number {self.cond:.3g} is too large for "
+                    f"{dtype} data (at most {_max_cond(dtype):.3g} = 1 / (100 eps)): the "
+                    f"transform and its inverse would lose more than about 1 % relative "
+                    f"accuracy; use float64 data or a better-conditioned matrix")
             self._cache[key] = (self.m.to(dtype=dtype, device=device),
                                 self.minv.to(dtype=dtype, device=device))
         return self._cache[key]
