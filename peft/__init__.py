@@ -12,11 +12,12 @@
 See :mod:`tsvd.peft.adapter` for the methods and options, :mod:`tsvd.peft.targets` for how
 to name the layer groups of other transformer models.
 """
-from .adapter import METHODS, Adapter, adapt, get_adapter, load_adapter, read_adapter_meta
+from .adapter import (FACTOR_RATE, METHODS, Adapter, adapt, get_adapter, load_adapter,
+                      read_adapter_meta)
 from .lora import LowRankLinear
 from .lorapt import LoRAPTContainer, TSVDGroup, TSVDLinear
 from .targets import DEFAULT_GROUPS, resolve
 
-__all__ = ["METHODS", "Adapter", "adapt", "get_adapter", "load_adapter", "read_adapter_meta",
+__all__ = ["FACTOR_RATE", "METHODS", "Adapter", "adapt", "get_adapter", "load_adapter", "read_adapter_meta",
            "DEFAULT_GROUPS", "resolve", "LowRankLinear", "TSVDGroup", "TSVDLinear",
            "LoRAPTContainer"]

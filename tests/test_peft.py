@@ -7,6 +7,7 @@ differences for LoRA-PT's gradients, and the un-adapted model's outputs.
 from __future__ import annotations
 
 import copy
+import math
 import os
 
 import numpy as np
@@ -589,3 +590,106 @@ def test_state_dict_holds_only_what_changed(base):
     bad["tsvd_lorapt.attn.U"] = torch.zeros(1)
     with pytest.raises(ValueError, match=r"tsvd_lorapt\.attn\.U.*\(1,\)"):
         a.load_state_dict(bad)
+
+
+def _relative_step(method, *, grouped=True, lr=5e-3, steps=6):
+    """‖ΔW‖/‖W‖ of the adapted transformer weights (merged) after ``steps`` Adam steps."""
+    torch.manual_seed(0)
+    m = build_unetr("tiny")
+    W0 = {n: p.detach().clone() for n, p in m.named_parameters()
+          if n.startswith("vit.blocks") and n.endswith("weight") and p.dim() == 2}
+    a = adapt(m, method, rank=4, train_decoder=False)
+    groups = a.param_groups(lr) if grouped else [{"params": a.trainable_parameters()}]
+    opt = torch.optim.Adam(groups, lr=lr)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 1, 32, 32, 32, generator=g)
+    y = (torch.rand(2, 32, 32, 32, generator=g) > 0.7).long()
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(m(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    W1 = dict(a.merged_copy().named_parameters())
+    num = sum(float((W1[n].detach() - W0[n]).pow(2).sum()) for n in W0)
+    return math.sqrt(num / sum(float(w.pow(2).sum()) for w in W0.values()))
+
+
+def test_update_scale_is_comparable_across_methods():
+    """Issue 12: at one learning rate, a few Adam steps move the adapted weights of lorapt,
+    lora and pissa by relative amounts within a factor of 3 of each other (param_groups);
+    one shared rate for LoRA-PT's factors moves them an order of magnitude more."""
+    steps = {m: _relative_step(m) for m in ("lorapt", "lora", "pissa")}
+    assert all(v > 0 for v in steps.values()), steps
+    assert max(steps.values()) / min(steps.values()) < 3.0, steps
+    ungrouped = _relative_step("lorapt", grouped=False)
+    assert ungrouped / steps["lora"] > 5.0, (ungrouped, steps)
+
+
+def test_param_groups_cover_the_trainable_parameters_once():
+    m = build_unetr("tiny")
+    a = adapt(m, "lorapt", rank=2)
+    groups = a.param_groups(1e-3, adapter_lr=2e-3)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in a.trainable_parameters())
+    other = [g for g in groups if g["name"] == "other"]
+    assert len(other) == 1 and other[0]["lr"] == 1e-3
+    U = [g for g in groups if g["name"].endswith(".U")][0]
+    rms = float(U["params"][0].detach().double().pow(2).mean().sqrt())
+    assert U["lr"] == pytest.approx(2e-3 * peft.FACTOR_RATE * rms)
+    with pytest.raises(ValueError, match="adapter_lr"):
+        a.param_groups(1e-3, adapter_lr=-1.0)
+
+
+@pytest.mark.parametrize("method", ["lorapt", "lora", "pissa", "decoder"])
+def test_merged_copy_matches_the_adapted_model(method):
+    torch.manual_seed(0)
+    m = build_unetr("tiny").eval()
+    a = adapt(m, method, **({} if method == "decoder" else {"rank": 2}))
+    with torch.no_grad():
+        for p in a.trainable_parameters():
+            p.add_(0.01 * torch.randn_like(p))
+        x = torch.randn(1, 1, 32, 32, 32)
+        want = m(x)
+        twin = a.merged_copy().eval()
+        got = twin(x)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert tsvd.peft.get_adapter(m) is a and not a.merged          # the model stays adapted
+    assert tsvd.peft.get_adapter(twin) is None
+    if method != "decoder":
+        assert all(type(mod) is torch.nn.Linear for n, mod in twin.named_modules()
+                   if n.endswith(("qkv", "out_proj", "linear1", "linear2")))
+
+
+@pytest.mark.parametrize("edit", ["transform", "train_s", "drop_base_sketch", "format_1"])
+def test_tampered_adapter_header_is_refused(base, tmp_path, edit):
+    """Issue 16: the checksum covers the header's method, options and base fingerprint, so an
+    edited header (transform fft -> dct, train_s flipped, fingerprint dropped) is an error
+    naming the file, not a warning or a silently different model."""
+    import json as _json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    m = copy.deepcopy(base)
+    path = tmp_path / "a.safetensors"
+    adapt(m, "lorapt", rank=RANK).save(path)
+    with safe_open(str(path), framework="pt") as f:
+        header = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta = _json.loads(header["tsvd_peft"])
+    if edit == "transform":
+        meta["config"]["transform"] = "dct"
+    elif edit == "train_s":
+        meta["config"]["train_s"] = not meta["config"]["train_s"]
+    elif edit == "drop_base_sketch":
+        meta["base_sketch"] = {}
+    else:
+        meta["format_version"] = 1
+    header["tsvd_peft"] = _json.dumps(meta)
+    bad = tmp_path / "edited.safetensors"
+    save_file(tensors, str(bad), metadata=header)
+    fresh = copy.deepcopy(base)
+    snap = _snapshot(fresh)
+    with pytest.raises(ValueError, match=r"edited|format 1"):
+        load_adapter(fresh, bad)
+    assert _unchanged(fresh, snap)
+    load_adapter(copy.deepcopy(base), path)                 # the untouched file still loads
