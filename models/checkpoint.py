@@ -297,6 +297,16 @@ def load_pretrained(model: nn.Module, source, *, strict_shapes: bool = True,
 _TMP_TAG = ".tsvdtmp"
 
 
+def file_sha256(path) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB chunks."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def remove_stale_temporaries(folder) -> list:
     """Delete the temporary files that :func:`atomic_write` left in ``folder`` (not
     recursive) when its process was killed mid-write; returns their paths. Only names of the

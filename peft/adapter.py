@@ -553,11 +553,8 @@ def _tensors_sha256(tensors: dict, header: dict | None = None) -> str:
 
 
 def _file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from tsvd.models import file_sha256
+    return file_sha256(path)
 
 
 def _check_tensor_names(expected: dict, got: dict, what: str):

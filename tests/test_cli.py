@@ -74,7 +74,7 @@ def test_pretrain_and_finetune_outputs(runs):
     assert len(rows) == 1 and 0.0 <= float(rows[0]["val_dice"]) <= 1.0
     import yaml
     cfg = yaml.safe_load((ft / "config.yaml").read_text())
-    assert cfg["method"] == "lorapt" and cfg["peft"]["rank"] == 2 and cfg["model"]["preset"] == "tiny"
+    assert cfg["adapter"]["method"] == "lorapt" and cfg["adapter"]["rank"] == 2 and cfg["model"]["preset"] == "tiny"
 
 
 def test_evaluate_writes_per_case_metrics(runs):
@@ -122,7 +122,7 @@ def test_merged_prediction_equals_unmerged_model(runs):
     import torch
     from tsvd.models import build_unetr, load_pretrained
     from tsvd.peft import load_adapter
-    from tsvd.peft.seg.train import load_for_inference
+    from tsvd.peft.seg.infer import load_for_inference
     merged, _ = load_for_inference(runs["ft"])
     m = build_unetr("tiny")
     load_pretrained(m, str(runs["pre"] / "model_last.safetensors"))
@@ -137,15 +137,15 @@ def test_finetune_other_layouts_and_yaml_config(tmp_path, runs):
     import yaml
     data = make_dataset(tmp_path / "msd", "msd", n_train=3, n_valid=0, n_test=0)
     cfg = {"data": {"path": str(data), "format": "auto", "spacing": 1.0},
-           "model": {"preset": "tiny"}, "method": "decoder",
-           "pretrained": str(runs["pre"] / "model_last.safetensors"),
+           "model": {"preset": "tiny", "pretrained": str(runs["pre"] / "model_last.safetensors")},
+           "adapter": {"method": "decoder"},
            "train": {"epochs": 1, "batch_size": 1, "samples_per_epoch": 1, "threads": 2}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     out = tmp_path / "o"
     assert run("finetune", "--config", tmp_path / "c.yaml", "--out", out, "--quiet",
                "--lr", "0.0005") == 0
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["method"] == "decoder" and saved["train"]["lr"] == 0.0005   # flag wins
+    assert saved["adapter"]["method"] == "decoder" and saved["train"]["lr"] == 0.0005   # flag wins
     assert saved["data"]["path"] == str(data)
     assert (out / "adapter_last.safetensors").is_file()
     # unknown key in the YAML: clear error
@@ -181,4 +181,46 @@ def test_bad_inputs_have_clear_messages(runs, tmp_path, capsys):
     # missing pretrained file
     assert run("finetune", "--data", data, "--out", tmp_path / "w",
                "--pretrained", tmp_path / "nope.pt", *TINY) == 2
-    assert "nope.pt: pretrained checkpoint not found" in capsys.readouterr().err
+    assert "nope.pt: checkpoint file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--lr", "-1"], "--lr"), (["--lr", "nan"], "--lr"), (["--lr", "0"], "--lr"),
+    (["--weight-decay", "-1"], "--weight-decay"), (["--overlap", "1.0"], "--overlap"),
+    (["--overlap", "-0.5"], "--overlap"), (["--patch", "7"], "--patch"),
+    (["--patch", "0"], "--patch"), (["--dropout", "1.5"], "--dropout"),
+    (["--val-every", "0"], "--val-every"), (["--alpha", "-1"], "--alpha"),
+    (["--rank", "0"], "--rank"), (["--rank", "-1"], "--rank"),
+    (["--spacing", "0"], "--spacing"), (["--spacing", "-1"], "--spacing"),
+    (["--average-last", "-3"], "--average-last"), (["--max-train", "0"], "--max-train"),
+    (["--samples-per-epoch", "0"], "--samples-per-epoch"), (["--threads", "0"], "--threads"),
+    (["--roi", "1,2,3"], "--roi"), (["--adapter-lr", "0"], "--adapter-lr"),
+])
+def test_every_bad_value_is_refused_before_any_file(tmp_path, capsys, flags, named):
+    """Issue 16: each value outside its declared range is a one-line error naming the flag
+    and the accepted range, exit status 2, and the output folder is not created."""
+    out = tmp_path / "never"
+    code = run("finetune", "--data", tmp_path, "--out", out, "--pretrained", tmp_path / "x.pt",
+               *flags)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("lorapt finetune: error: " + named) and "\n" not in err, err
+    assert "expected" in err
+    assert not out.exists()
+
+
+def test_rank_with_a_method_without_rank_is_refused(runs, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert run("finetune", "--data", runs["data"], "--out", out, "--method", "full",
+               "--rank", 4, *TINY) == 2
+    err = capsys.readouterr().err
+    assert "--method full" in err and "rank" in err
+    assert not (out / "config.yaml").exists()
+
+
+def test_version_flag(capsys):
+    import tsvd
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert tsvd.__version__ in capsys.readouterr().out

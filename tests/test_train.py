@@ -14,6 +14,7 @@ pytest.importorskip("monai")
 from scipy.ndimage import binary_erosion  # noqa: E402
 
 from test_data import make_dataset  # noqa: E402
+from tsvd.peft.seg import infer as I  # noqa: E402
 from tsvd.peft.seg import train as T  # noqa: E402
 from tsvd.peft.seg.metrics import dice_hd95, summarize, voxel_spacing  # noqa: E402
 
@@ -71,12 +72,16 @@ def test_empty_masks_and_summary():
     a = np.zeros((6, 6, 6), bool)
     b = np.zeros_like(a)
     b[2:4, 2:4, 2:4] = True
-    d, h = dice_hd95(torch.from_numpy(a), torch.from_numpy(b))
-    assert d == 0.0 and np.isnan(h)
+    # an empty prediction: HD95 = the image diagonal in mm (issue 12), not NaN
+    d, h = dice_hd95(torch.from_numpy(a), torch.from_numpy(b), (1.5, 1.0, 2.0))
+    assert d == 0.0 and h == pytest.approx(np.sqrt(9.0 ** 2 + 6.0 ** 2 + 12.0 ** 2))
     d, h = dice_hd95(torch.from_numpy(a), torch.from_numpy(a))
-    assert d == 1.0
-    s = summarize([0.5, 0.7, float("nan")])
-    assert s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(0.1) and s["n_nan"] == 1
+    assert d == 1.0 and h == 0.0
+    s = summarize([0.5, 0.7, 0.9, float("nan")], empty=[False, True, False, False])
+    # sample std (ddof = 1) of 0.5, 0.7, 0.9 is 0.2 (population std would be 0.163)
+    assert s["mean"] == pytest.approx(0.7) and s["std"] == pytest.approx(0.2)
+    assert s["n_nan"] == 1 and s["n_empty"] == 1 and s["median"] == pytest.approx(0.7)
+    assert np.isnan(summarize([0.4])["std"])
     aff = np.diag([-1.5, 2.0, 1.0, 1.0])
     assert voxel_spacing(aff) == [1.5, 2.0, 1.0]
 
@@ -94,7 +99,7 @@ def _cfg(data, **train):
     t = {"epochs": 2, "batch_size": 1, "samples_per_epoch": 2, "threads": 2, "seed": 3}
     t.update(train)
     return T.merge_config(T.DEFAULTS, {"data": {"path": str(data), "spacing": 1.0},
-                                       "model": {"preset": "tiny"}, "method": "full",
+                                       "model": {"preset": "tiny"}, "adapter": {"method": "full"},
                                        "train": t})
 
 
@@ -140,42 +145,84 @@ def test_resume_after_interruption_equals_uninterrupted(tiny_data, tmp_path, mon
     T.train(_cfg(tiny_data, seed=4, epochs=1, samples_per_epoch=1), tmp_path / "c", **quiet)
     other = _weights(tmp_path / "c" / "model_last.safetensors")
     assert any(not torch.equal(other[k], ref[k]) for k in ref)
-    # resuming with another method is refused
-    bad = _cfg(tiny_data)
-    bad["model"]["preset"] = "cpu"
-    with pytest.raises(T.RunError, match="cannot resume"):
-        T.train(bad, tmp_path / "b", resume=True, **quiet)
+    # resuming with another preset or learning rate is refused, naming the difference
+    for key, value, shown in (("model", ("preset", "cpu"), "model.preset"),
+                              ("train", ("lr", 0.5), "train.lr")):
+        bad = _cfg(tiny_data)
+        bad[key][value[0]] = value[1]
+        with pytest.raises(T.RunError, match=rf"other settings.*{shown}: "):
+            T.train(bad, tmp_path / "b", resume=True, **quiet)
+
+
+def test_resume_extends_epochs_and_records_it(tiny_data, tmp_path):
+    """Issue 16: --resume --epochs N+1 trains the added epoch at a non-zero rate (the poly
+    schedule is re-planned to the new end) and records the change as a resume event."""
+    import csv
+    quiet = dict(progress=False, log=lambda *a: None)
+    T.train(_cfg(tiny_data, epochs=1, samples_per_epoch=1), tmp_path / "r", **quiet)
+    before = _weights(tmp_path / "r" / "model_last.safetensors")
+    T.train(_cfg(tiny_data, epochs=2, samples_per_epoch=1), tmp_path / "r", resume=True,
+            **quiet)
+    rows = list(csv.DictReader((tmp_path / "r" / "curves.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    after = _weights(tmp_path / "r" / "model_last.safetensors")
+    assert any(not torch.equal(after[k], before[k]) for k in before)   # epoch 2 trained
+    info = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert info["resumes"] == [{"at_epoch": 1, "changed": {"epochs": [1, 2]}}]
+
+
+def test_resume_from_a_truncated_checkpoint_is_a_clear_error(tiny_data, tmp_path):
+    quiet = dict(progress=False, log=lambda *a: None)
+    T.train(_cfg(tiny_data, epochs=1, samples_per_epoch=1), tmp_path / "t", **quiet)
+    ck = tmp_path / "t" / "checkpoint_last.pt"
+    ck.write_bytes(ck.read_bytes()[:1000])
+    with pytest.raises(T.RunError, match=r"checkpoint_last.pt: cannot be read \(truncated"):
+        T.train(_cfg(tiny_data, epochs=1, samples_per_epoch=1), tmp_path / "t", resume=True,
+                **quiet)
+
+
+def test_folder_of_a_run_killed_before_its_first_checkpoint_restarts(tiny_data, tmp_path):
+    """A folder holding only config.yaml and a stale temporary (a run killed before its first
+    checkpoint) is restarted without --overwrite; the temporary is cleaned."""
+    quiet = dict(progress=False, log=lambda *a: None)
+    out = tmp_path / "k"
+    out.mkdir()
+    (out / "config.yaml").write_text("{}\n")
+    (out / ".curves.csv.abc.tsvdtmp.csv").write_text("partial")
+    T.train(_cfg(tiny_data, epochs=1, samples_per_epoch=1), out, **quiet)
+    assert (out / "model_last.safetensors").is_file()
+    assert not [p for p in out.iterdir() if ".tsvdtmp" in p.name]
 
 
 def test_checkpoint_write_killed_keeps_previous(tiny_data, tmp_path, monkeypatch):
     """A kill between writing the temporary file and the rename, or in the middle of the
     write, leaves the previous checkpoint intact and loadable."""
     ck = tmp_path / "r" / "checkpoint_last.pt"
-    T._atomic_torch_save({"epoch": 0, "x": torch.ones(1000)}, ck)
+    T._save_torch({"epoch": 0, "x": torch.ones(1000)}, ck)
     before = ck.read_bytes()
     for target in ("replace", "fsync"):
         def boom(*a, **k):
             raise KeyboardInterrupt
         monkeypatch.setattr(os, target, boom)
         with pytest.raises(KeyboardInterrupt):
-            T._atomic_torch_save({"epoch": 99, "x": torch.zeros(1000)}, ck)
+            T._save_torch({"epoch": 99, "x": torch.zeros(1000)}, ck)
         monkeypatch.undo()
         assert ck.read_bytes() == before
         assert torch.load(ck, weights_only=True)["epoch"] == 0
-        assert not [p for p in ck.parent.iterdir() if ".tmp-" in p.name]
+        assert not [p for p in ck.parent.iterdir() if ".tsvdtmp" in p.name]
 
 
 def test_average_last_epochs(tiny_data, tmp_path, monkeypatch):
     quiet = dict(progress=False, log=lambda *a: None)
     snaps = []
-    real = T._atomic_torch_save
+    real = T._save_torch
 
     def spy(obj, path):
         if Path(path).name == "checkpoint_last.pt":
             snaps.append({k: v.clone() for k, v in obj["trainable"].items()})
         return real(obj, path)
 
-    monkeypatch.setattr(T, "_atomic_torch_save", spy)
+    monkeypatch.setattr(T, "_save_torch", spy)
     T.train(_cfg(tiny_data, epochs=2, average_last=2, samples_per_epoch=1), tmp_path / "v",
             **quiet)
     info = json.loads((tmp_path / "v" / "run.json").read_text())
@@ -199,8 +246,8 @@ def test_finetune_trains_the_adapter_tensors(tiny_data, tmp_path, method):
     base_dir = tmp_path / "base"
     T.train(_cfg(tiny_data, epochs=1, samples_per_epoch=1), base_dir, **quiet)
     cfg = _cfg(tiny_data, epochs=1, samples_per_epoch=2, lr=1e-2)
-    cfg["method"] = method
-    cfg["pretrained"] = str(base_dir / "model_last.safetensors")
+    cfg["adapter"]["method"] = method
+    cfg["model"]["pretrained"] = str(base_dir / "model_last.safetensors")
     T.train(cfg, tmp_path / "ft", task="finetune", **quiet)
     base = _weights(base_dir / "model_last.safetensors")
     model = build_unetr("tiny", out_channels=2)
@@ -224,7 +271,7 @@ def test_foreground_dice_loss_option(tiny_data, tmp_path):
             **quiet)
     rows = list(csv.DictReader((tmp_path / "a" / "curves.csv").open()))
     assert len(rows) == 1 and np.isfinite(float(rows[0]["train_loss"]))
-    with pytest.raises(T.RunError, match=r"train\.loss: expected dice, dicece"):
+    with pytest.raises(ValueError, match=r"--loss \(train\.loss\): expected one of dice, dicece"):
         T.train(_cfg(tiny_data, epochs=1, samples_per_epoch=1, loss="focal"), tmp_path / "b",
                 **quiet)
     assert not (tmp_path / "b").exists()                 # refused before any work
@@ -266,9 +313,9 @@ def test_infer_case_flip_tta_matches_definition(tmp_path):
     item, info = _case(tmp_path, vol)
     model = _Pointwise(ramp).eval()
     r = ramp.double().numpy()[:, None, None]
-    plain, _, _ = T._infer_case(model, item, info, torch.device("cpu"))
+    plain, _, _ = I.infer_case(model, item, info, torch.device("cpu"))
     np.testing.assert_array_equal(plain, (vol + r > 0).astype(np.uint8))
-    tta, _, _ = T._infer_case(model, item, info, torch.device("cpu"),
+    tta, _, _ = I.infer_case(model, item, info, torch.device("cpu"),
                               opts={"tta_flip": [0], "keep_components": 0})
 
     def sig(z):
@@ -287,27 +334,29 @@ def test_infer_case_keeps_the_largest_components(tmp_path):
     item, info = _case(tmp_path, vol)
     model = _Pointwise(torch.zeros(20)).eval()
     cpu = torch.device("cpu")
-    every, _, _ = T._infer_case(model, item, info, cpu)
+    every, _, _ = I.infer_case(model, item, info, cpu)
     assert every.sum() == 125 + 64 + 8
-    two, _, _ = T._infer_case(model, item, info, cpu, opts={"tta_flip": [], "keep_components": 2})
+    two, _, _ = I.infer_case(model, item, info, cpu, opts={"tta_flip": [], "keep_components": 2})
     want = (vol > 0)
     want[16:18, 1:3, 15:17] = False
     np.testing.assert_array_equal(two, want.astype(np.uint8))
-    one, _, _ = T._infer_case(model, item, info, cpu, opts={"tta_flip": [], "keep_components": 1})
+    one, _, _ = I.infer_case(model, item, info, cpu, opts={"tta_flip": [], "keep_components": 1})
     assert one.sum() == 125 and one[1:6, 1:6, 1:6].all()
 
 
 def test_infer_options_precedence_and_errors():
     rec = {"tta_flip": [0], "keep_components": 2}
-    assert T._infer_options(None, rec) == rec
+    assert I.infer_options(None, rec) == rec
     cfg = T.merge_config(T.DEFAULTS, {"infer": {"keep_components": 0}})
-    assert T._infer_options(cfg, rec) == {"tta_flip": [0], "keep_components": 0}
-    assert T._infer_options(T.DEFAULTS) == {"tta_flip": [], "keep_components": 0}
+    assert I.infer_options(cfg, rec) == {"tta_flip": [0], "keep_components": 0}
+    assert I.infer_options(T.DEFAULTS) == {"tta_flip": [], "keep_components": 0}
     for bad, msg in [({"tta_flip": [3]}, r"infer\.tta_flip"), ({"tta_flip": 0}, r"infer\.tta_flip"),
                      ({"keep_components": -1}, r"infer\.keep_components"),
                      ({"keep_components": 1.5}, r"infer\.keep_components")]:
-        with pytest.raises(T.RunError, match=msg):
-            T._infer_options(T.merge_config(T.DEFAULTS, {"infer": bad}))
+        with pytest.raises(ValueError, match=msg):             # refused by the config
+            I.infer_options(T.merge_config(T.DEFAULTS, {"infer": bad}))
+        with pytest.raises(T.RunError, match=msg):             # or as a recorded setting
+            I.infer_options(None, bad)
 
 
 def test_finetune_records_and_evaluate_applies_postprocessing(tiny_data, tmp_path):
@@ -319,14 +368,14 @@ def test_finetune_records_and_evaluate_applies_postprocessing(tiny_data, tmp_pat
     T.train(cfg, tmp_path / "run", **quiet)
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["infer"] == {"tta_flip": [0], "keep_components": 2}
-    ev = T.evaluate(_cfg(tiny_data), tmp_path / "run", tmp_path / "ev", **quiet)
+    ev = I.evaluate(_cfg(tiny_data), tmp_path / "run", tmp_path / "ev", **quiet)
     assert ev["infer"] == {"tta_flip": [0], "keep_components": 2}
     over = _cfg(tiny_data)
     over["infer"] = {"tta_flip": [], "keep_components": None}
-    ev2 = T.evaluate(over, tmp_path / "run", tmp_path / "ev2", **quiet)
+    ev2 = I.evaluate(over, tmp_path / "run", tmp_path / "ev2", **quiet)
     assert ev2["infer"] == {"tta_flip": [], "keep_components": 2}
     bad = _cfg(tiny_data)
     bad["infer"] = {"tta_flip": None, "keep_components": -2}
-    with pytest.raises(T.RunError, match=r"infer\.keep_components"):
-        T.evaluate(bad, tmp_path / "run", tmp_path / "ev3", **quiet)
+    with pytest.raises(ValueError, match=r"infer\.keep_components"):
+        I.evaluate(bad, tmp_path / "run", tmp_path / "ev3", **quiet)
     assert not (tmp_path / "ev3").exists()

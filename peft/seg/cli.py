@@ -22,117 +22,41 @@ from pathlib import Path
 
 __all__ = ["main", "build_parser", "demo"]
 
-# flag -> (config path, type)
-_FLAGS = {
-    "data": ("data.path", str), "format": ("data.format", str), "modality": ("data.modality", str),
-    "spacing": ("data.spacing", float), "patch": ("data.patch", int),
-    "flip_axes": ("data.flip_axes", None), "roi": ("data.roi", None),
-    "max_train": ("data.max_train", int),
-    "preset": ("model.preset", str), "dropout": ("model.dropout", float),
-    "method": ("method", str), "rank": ("peft.rank", int), "alpha": ("peft.alpha", float),
-    "pretrained": ("pretrained", str),
-    "epochs": ("train.epochs", int), "batch_size": ("train.batch_size", int),
-    "samples_per_epoch": ("train.samples_per_epoch", int), "lr": ("train.lr", float),
-    "weight_decay": ("train.weight_decay", float), "loss": ("train.loss", str),
-    "optimizer": ("train.optimizer", str),
-    "val_every": ("train.val_every", int), "average_last": ("train.average_last", int),
-    "seed": ("train.seed", int), "device": ("train.device", str), "threads": ("train.threads", int),
-    "overlap": ("train.sw_overlap", float),
-    "tta_flip": ("infer.tta_flip", None), "keep_components": ("infer.keep_components", int),
-}
-
-
-def _roi(text):
-    """--roi: none, mni-hippocampus, or X,Y,Z,SIZE (world mm centre, size in voxels)."""
-    if text is None or text.lower() == "none":
-        return None
-    if text.lower() == "mni-hippocampus":
-        return "mni-hippocampus"
-    parts = text.split(",")
-    try:
-        vals = [float(p) for p in parts]
-    except ValueError:
-        vals = []
-    if len(vals) != 4 or vals[3] < 1:
-        raise argparse.ArgumentTypeError(
-            f"--roi: expected none, mni-hippocampus or X,Y,Z,SIZE, got {text!r}")
-    return {"centre_mm": vals[:3], "size": [int(vals[3])] * 3}
-
-
-def _resolve_roi(cfg):
+def _resolve_roi(cfg: dict) -> dict:
+    """``data.roi: mni-hippocampus`` -> the MNI box around both hippocampi, patch-sized."""
+    from .config import RunConfig
     from .embedded import HIPPOCAMPUS_ROI_MM
-    from .train import _patch
+    from .runtime import patch_size
     if cfg["data"].get("roi") == "mni-hippocampus":
-        cfg["data"]["roi"] = {"centre_mm": list(HIPPOCAMPUS_ROI_MM[0]), "size": _patch(cfg)}
+        cfg["data"]["roi"] = {"centre_mm": list(HIPPOCAMPUS_ROI_MM[0]),
+                              "size": patch_size(RunConfig.from_dict(cfg))}
     return cfg
 
 
-def _axes(text):
-    if text.lower() in ("none", ""):
-        return []
-    try:
-        ax = [int(a) for a in text.split(",")]
-    except ValueError:
-        ax = [-1]
-    if any(a not in (0, 1, 2) for a in ax):
-        raise argparse.ArgumentTypeError(f"--flip-axes: expected e.g. 0,1,2 or none, got {text!r}")
-    return ax
-
-
-def _add_common(p, *, train=True, data=True):
-    p.add_argument("--config", help="YAML file with settings (nested like the saved config.yaml)")
+def _add_common(p, command):
+    """The flags every subcommand shares that are not settings of the run, then one flag per
+    setting that ``command`` takes (generated from :mod:`tsvd.peft.seg.config`)."""
+    from .config import add_flags
+    p.add_argument("--config", help="YAML file with settings (the layout of a run's "
+                   "config.yaml); flags given on the command line win")
     p.add_argument("--overwrite", action="store_true",
                    help="replace files in an existing, non-empty output folder / file")
-    p.add_argument("--seed", type=int, help="random seed (default 0)")
-    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    if data:
-        p.add_argument("--data", help="dataset folder")
-        p.add_argument("--format", choices=["auto", "eadc", "msd", "brats", "nifti"],
-                       help="dataset layout (default auto)")
-        p.add_argument("--modality", choices=["t1", "t1ce", "t2", "flair"],
-                       help="BraTS channel (default t1)")
-    p.add_argument("--preset", choices=["paper", "cpu", "tiny"], help="UNETR preset (default cpu)")
-    p.add_argument("--spacing", type=float, help="voxel size in mm the network sees (default 1.5)")
-    p.add_argument("--roi", type=_roi, help="region of interest: none (default), mni-hippocampus "
-                   "(MNI-registered data), or X,Y,Z,SIZE (world mm centre, voxels)")
-    p.add_argument("--overlap", type=float, help="sliding-window overlap (default 0.25)")
-    p.add_argument("--tta-flip", type=_axes, metavar="AXES",
-                   help="test-time augmentation for evaluate/predict: also predict the image "
-                   "mirrored along these axes (e.g. 0) and average; none turns it off (default: "
-                   "the trained run's setting, else none)")
-    p.add_argument("--keep-components", type=int, metavar="N",
-                   help="evaluate/predict keep only the N largest connected foreground "
-                   "components (2 for left + right hippocampus); 0 keeps all (default: the "
-                   "trained run's setting, else 0)")
-    if train:
+    if command in ("pretrain", "finetune"):
         p.add_argument("--out", help="output folder of the run")
-        p.add_argument("--resume", action="store_true", help="continue the run in --out")
-        p.add_argument("--epochs", type=int)
-        p.add_argument("--batch-size", type=int, help="global batch size (default 2)")
-        p.add_argument("--samples-per-epoch", type=int,
-                       help="random crops per epoch (default: number of training cases)")
-        p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
-        p.add_argument("--weight-decay", type=float, help="default 1e-5")
-        p.add_argument("--optimizer", choices=["adam", "sgd"],
-                       help="adam (default: Adam with amsgrad, as the paper) or sgd (momentum 0.9)")
-        p.add_argument("--loss", choices=["dice", "dicece", "dice-fg", "dicece-fg"],
-                       help="default dicece; -fg: Dice term over the foreground classes only")
-        p.add_argument("--val-every", type=int, help="validate every N epochs (default 1)")
-        p.add_argument("--average-last", type=int,
-                       help="average the last N epochs' weights at the end (paper: 4)")
-        p.add_argument("--patch", type=int, help="crop size (default: the preset's input size)")
-        p.add_argument("--flip-axes", type=_axes, help="random flip axes, e.g. 0,1,2 or none")
-        p.add_argument("--dropout", type=float, help="override the preset's dropout rate")
-        p.add_argument("--max-train", type=int, help="use only the first N training cases")
+        p.add_argument("--resume", action="store_true",
+                       help="continue the run in --out (refused if the base checkpoint, method "
+                       "or any setting other than epochs, val-every, device, threads changed)")
+    add_flags(p, command)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import tsvd
     ap = argparse.ArgumentParser(
         prog="lorapt", description="LoRA-PT fine-tuning of UNETR for hippocampus segmentation "
         "(and the baselines: LoRA, PiSSA, full, decoder-only).")
+    ap.add_argument("--version", action="version",
+                    version=f"lorapt (tsvd) {tsvd.__version__}, torch {_torch_version()}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("demo", help="embedded real-anatomy dataset, pre-train, LoRA-PT, evaluate",
                        description="Builds the embedded dataset (MNI152 + atlases from the "
@@ -144,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default $TSVD_CACHE or ~/.cache/tsvd)")
     p.add_argument("--dataset", default=None, help="embedded protocol: neuromorphometrics "
                    "(default), harvard-oxford, desikan-killiany, aal")
-    p.add_argument("--method", choices=["lorapt", "lora", "pissa", "full", "decoder"],
+    p.add_argument("--method", choices=list(_methods()),
                    help="fine-tuning method (default lorapt)")
     p.add_argument("--pretrain-epochs", type=int)
     p.add_argument("--finetune-epochs", type=int)
@@ -157,25 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="train a UNETR on a source task (all parameters)",
                        description="Pre-train UNETR (all parameters) on e.g. BraTS2021 "
                        "(--format brats: one channel, tumour vs background).")
-    _add_common(p)
-    p.add_argument("--pretrained", help="start from these weights")
+    _add_common(p, "pretrain")
 
     p = sub.add_parser("finetune", help="fine-tune a pre-trained UNETR (LoRA-PT or a baseline)",
                        description="Fine-tune a pre-trained UNETR; PEFT runs save the small "
                        "adapter file plus a pointer to --pretrained.")
-    _add_common(p)
-    p.add_argument("--pretrained", help="base checkpoint (.pt/.pth/.safetensors)")
-    p.add_argument("--method", choices=["lorapt", "lora", "pissa", "full", "decoder"],
-                   help="default lorapt")
-    p.add_argument("--rank", type=int, help="adapter rank (lorapt, lora, pissa)")
-    p.add_argument("--alpha", type=float, help="LoRA alpha")
-    p.add_argument("--no-train-decoder", action="store_true",
-                   help="train only the adapter (not the CNN decoder and head)")
+    _add_common(p, "finetune")
 
     p = sub.add_parser("evaluate", help="Dice and HD95 (mm) per case, CSV + JSON",
                        description="Evaluate a run folder, an adapter file or a model file on a "
                        "split of a dataset, on each case's original grid.")
-    _add_common(p, train=False)
+    _add_common(p, "evaluate")
     p.add_argument("--checkpoint", required=False, help="run folder, adapter or model file")
     p.add_argument("--out", help="folder for metrics.csv and metrics.json")
     p.add_argument("--split", choices=["train", "valid", "test"], default=None,
@@ -184,58 +100,41 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="segment NIfTI volumes (sliding window)",
                        description="Segment whole volumes; every output keeps its input's "
                        "affine, shape and orientation (uint8, 1 = hippocampus).")
-    _add_common(p, train=False, data=False)
+    _add_common(p, "predict")
     p.add_argument("--checkpoint", required=False, help="run folder, adapter or model file")
     p.add_argument("--input", help="a .nii/.nii.gz file or a folder of them")
     p.add_argument("--output", help="output file (one input) or folder")
     return ap
 
 
-def _set(cfg, dotted, value):
-    keys = dotted.split(".")
-    d = cfg
-    for k in keys[:-1]:
-        d = d[k]
-    d[keys[-1]] = value
+def _torch_version() -> str:
+    import torch
+    return torch.__version__
 
 
-def _config(args):
-    """DEFAULTS <- YAML (--config) <- explicit flags."""
-    import yaml
-    from .train import DEFAULTS, RunError, merge_config
-    cfg = merge_config(DEFAULTS, {})
-    if getattr(args, "config", None):
-        p = Path(args.config)
-        if not p.is_file():
-            raise RunError(f"{p}: config file not found")
-        try:
-            y = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise RunError(f"{p}: not valid YAML ({e})") from None
-        if not isinstance(y, dict):
-            raise RunError(f"{p}: expected a mapping at the top level")
-        cfg = merge_config(cfg, y, where=str(p))
-    for flag, (path, _) in _FLAGS.items():
-        v = getattr(args, flag, None)
-        if v is not None:
-            _set(cfg, path, v)
-    if getattr(args, "amp", False):
-        cfg["train"]["amp"] = True
-    if getattr(args, "no_train_decoder", False):
-        cfg["peft"]["train_decoder"] = False
-    return _resolve_roi(cfg)
+def _methods():
+    from tsvd.peft import METHODS
+    return METHODS
+
+
+def _config(args) -> dict:
+    """Defaults <- YAML (--config) <- the flags given; validated (ConfigError names the flag)."""
+    from .config import RunConfig, apply_flags, load_yaml
+    cfg = load_yaml(args.config) if getattr(args, "config", None) else RunConfig()
+    return _resolve_roi(apply_flags(cfg, args).to_dict())
 
 
 def _need(args, *names):
-    from .train import RunError
+    from .runtime import RunError
     for n in names:
         if not getattr(args, n, None):
             raise RunError(f"--{n.replace('_', '-')} is required")
 
 
 def main(argv=None) -> int:
+    from .config import ConfigError
     from .data import DataError
-    from .train import RunError
+    from .runtime import RunError
     ap = build_parser()
     args = ap.parse_args(argv)
     if not args.command:
@@ -243,7 +142,7 @@ def main(argv=None) -> int:
         return 2
     try:
         return _run(args)
-    except (RunError, DataError) as e:
+    except (RunError, DataError, ConfigError) as e:
         print(f"lorapt {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -253,7 +152,9 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
+    from . import infer as I
     from . import train as T
+    from .runtime import RunError
     progress = not getattr(args, "quiet", False)
     if args.command == "demo":
         demo(out=args.out, cache=args.cache, dataset=args.dataset, method=args.method,
@@ -264,7 +165,7 @@ def _run(args) -> int:
     cfg = _config(args)
     if args.command in ("pretrain", "finetune"):
         if not cfg["data"]["path"]:
-            raise T.RunError("--data (or data.path in --config) is required")
+            raise RunError("--data (or data.path in --config) is required")
         _need(args, "out")
         T.train(cfg, args.out, task=args.command, overwrite=args.overwrite, resume=args.resume,
                 progress=progress)
@@ -272,7 +173,7 @@ def _run(args) -> int:
     if args.command == "evaluate":
         _need(args, "checkpoint", "out")
         if not cfg["data"]["path"]:
-            raise T.RunError("--data (or data.path in --config) is required")
+            raise RunError("--data (or data.path in --config) is required")
         split = args.split
         if split is None:
             from .data import load_cases
@@ -280,17 +181,17 @@ def _run(args) -> int:
                                       modality=cfg["data"]["modality"],
                                       valid_fraction=cfg["data"]["valid_fraction"],
                                       seed=cfg["train"]["seed"])
-            split = "test" if any(c.get("label") for c in splits["test"]) else "valid"
-        T.evaluate(cfg, args.checkpoint, args.out, split=split, overwrite=args.overwrite,
+            split = "test" if any(c.get("label") for c in splits.get("test", [])) else "valid"
+        I.evaluate(cfg, args.checkpoint, args.out, split=split, overwrite=args.overwrite,
                    progress=progress)
         T.save_yaml(cfg, Path(args.out) / "config.yaml")
         return 0
     if args.command == "predict":
         _need(args, "checkpoint", "input", "output")
-        T.predict(cfg, args.checkpoint, args.input, args.output, overwrite=args.overwrite,
+        I.predict(cfg, args.checkpoint, args.input, args.output, overwrite=args.overwrite,
                   progress=progress)
         return 0
-    raise T.RunError(f"unknown command {args.command!r}")
+    raise RunError(f"unknown command {args.command!r}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -322,7 +223,7 @@ def stage_config(S: dict, path, stage: str, *, method: str = "lorapt", seed: int
     c = T.merge_config(T.DEFAULTS, {
         "data": {"path": str(path), "format": "eadc", "spacing": S["spacing"],
                  "roi": "mni-hippocampus", "flip_axes": S["flip_axes"]},
-        "model": {"preset": S["preset"]}, "method": method,
+        "model": {"preset": S["preset"]}, "adapter": {"method": method},
         "train": dict(S[stage], seed=seed, device=device or "auto"),
         "infer": dict(S.get("infer") or {})})
     return _resolve_roi(c)
@@ -361,7 +262,9 @@ def demo(out=None, cache=None, dataset=None, method=None, pretrain_epochs=None,
     """The README's main job (see ``lorapt demo --help``); returns the result dict."""
     import torch
     from . import embedded as E
+    from . import infer as I
     from . import train as T
+    from .runtime import RunError, write_json
     t0 = time.time()
     S = json.loads(json.dumps(settings or DEMO))
     if dataset:
@@ -373,10 +276,10 @@ def demo(out=None, cache=None, dataset=None, method=None, pretrain_epochs=None,
     seed = 0 if seed is None else int(seed)
     method = method or "lorapt"
     if S["dataset"] not in E.PROTOCOLS:
-        raise T.RunError(f"--dataset: expected one of {sorted(E.PROTOCOLS)}, got {S['dataset']!r}")
+        raise RunError(f"--dataset: expected one of {sorted(E.PROTOCOLS)}, got {S['dataset']!r}")
     out = Path(out) if out else Path(f"lorapt-demo-{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise T.RunError(f"{out}: output folder exists and is not empty (use --overwrite or "
+        raise RunError(f"{out}: output folder exists and is not empty (use --overwrite or "
                          f"another --out)")
     cache = Path(cache) if cache else E.default_cache_dir()
     if threads:
@@ -400,21 +303,21 @@ def demo(out=None, cache=None, dataset=None, method=None, pretrain_epochs=None,
     # 3. fine-tuning
     t = time.time()
     fcfg = stage_config(S, tgt, "finetune", method=method, seed=seed, device=device)
-    fcfg["pretrained"] = str(base)
+    fcfg["model"]["pretrained"] = str(base)
     out.mkdir(parents=True, exist_ok=True)
     fs = T.train(fcfg, out / "finetune", task="finetune", overwrite=True, progress=progress,
                  log=log)
     times["finetune"] = time.time() - t
     # 4. evaluation on the held-out test subjects, predictions + overlays
     t = time.time()
-    ev = T.evaluate(fcfg, out / "finetune", out / "evaluate", split="test", overwrite=True,
+    ev = I.evaluate(fcfg, out / "finetune", out / "evaluate", split="test", overwrite=True,
                     progress=progress, log=log)
     from .data import load_cases
     _, splits, _ = load_cases(tgt, "eadc")
     pred_dir = out / "predictions"
     written = []
     for c in splits["test"][: S["overlays"]]:
-        written += T.predict(fcfg, out / "finetune", c["image"],
+        written += I.predict(fcfg, out / "finetune", c["image"],
                              pred_dir / f"{c['name']}_pred.nii.gz", overwrite=True,
                              progress=False, log=lambda *a: None)
     _overlays(splits["test"][: S["overlays"]], written, out / "overlays")
@@ -428,7 +331,7 @@ def demo(out=None, cache=None, dataset=None, method=None, pretrain_epochs=None,
                                                             times.items()},
            "dataset": S["dataset"], "test_cases": ev["dice"]["n"],
            "pretrained": str(base), "out": str(out), "settings": S}
-    T._atomic_bytes(out / "demo.json", json.dumps(res, indent=1).encode())
+    write_json(out / "demo.json", res)
     names = {"lorapt": "LoRA-PT", "lora": "LoRA", "pissa": "PiSSA", "full": "full",
              "decoder": "decoder-only"}
     pct = 100.0 * fs["trainable_parameters"] / fs["model_parameters"]
@@ -461,7 +364,7 @@ def _overlays(cases, preds, folder: Path):
     import matplotlib.pyplot as plt
     import nibabel as nib
     import numpy as np
-    from .train import _atomic_bytes
+    from .runtime import write_bytes
     folder.mkdir(parents=True, exist_ok=True)
     for c, p in zip(cases, preds):
         img = nib.as_closest_canonical(nib.load(c["image"]))
@@ -486,7 +389,7 @@ def _overlays(cases, preds, folder: Path):
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=90)
         plt.close(fig)
-        _atomic_bytes(folder / f"{c['name']}_overlay.png", buf.getvalue())
+        write_bytes(folder / f"{c['name']}_overlay.png", buf.getvalue())
 
 
 if __name__ == "__main__":

@@ -17,11 +17,19 @@ from .data import DataError, check_cases, eval_transforms, load_cases
 from .metrics import dice_hd95, summarize, voxel_spacing
 import tsvd.peft
 
+from .config import RunConfig
 from .runtime import (RunError, apply_transforms, build_model, check_out_dir, load_base, plain,
                       select_device, write_bytes)
 
-__all__ = ["infer_options", "sliding_logits", "load_for_inference", "infer_case", "evaluate",
-           "predict"]
+__all__ = ["infer_options", "sliding_logits", "probabilities", "keep_largest", "predict_mask",
+           "load_for_inference", "infer_case", "evaluate", "predict"]
+
+
+def _as_dict(cfg) -> dict:
+    """A validated config dict (``config.yaml``'s layout) from a RunConfig, a dict or None."""
+    if cfg is None:
+        return RunConfig().to_dict()
+    return (cfg if isinstance(cfg, RunConfig) else RunConfig.from_dict(cfg)).to_dict()
 
 
 def infer_options(cfg: dict | None, recorded: dict | None = None) -> dict:
@@ -53,6 +61,36 @@ def sliding_logits(model, image, patch, overlap, device, amp=False):
         y = sliding_window_inference(x, roi_size=patch, sw_batch_size=2, predictor=model,
                                      overlap=overlap, mode="gaussian")
     return plain(y)[0].float().cpu()
+
+
+def probabilities(model, image, patch, overlap, device, amp=False, tta_flip=()):
+    """Softmax ``(2, D, H, W)`` of a preprocessed image ``(1, D, H, W)``, averaged with the
+    predictions of the image mirrored along each axis in ``tta_flip`` (flipped back)."""
+    prob = torch.softmax(sliding_logits(model, image, patch, overlap, device, amp), 0)
+    for ax in tta_flip:
+        flipped = torch.flip(plain(image), [ax + 1])
+        p = torch.softmax(sliding_logits(model, flipped, patch, overlap, device, amp), 0)
+        prob += torch.flip(p, [ax + 1])
+    return prob / (1 + len(tta_flip))
+
+
+def keep_largest(pred: torch.Tensor, n: int) -> torch.Tensor:
+    """Binary mask ``(D, H, W)`` with only its ``n`` largest connected components (MONAI's
+    ``KeepLargestConnectedComponent``); ``n = 0`` keeps all."""
+    from monai.transforms import KeepLargestConnectedComponent
+    if n <= 0 or not bool(pred.any()):
+        return pred
+    keep = KeepLargestConnectedComponent(applied_labels=[1], is_onehot=False, num_components=n)
+    return torch.as_tensor(keep(pred[None].to(torch.uint8).clone()))[0].to(pred.dtype)
+
+
+def predict_mask(model, image, *, patch, overlap, device, amp=False, opts=None) -> torch.Tensor:
+    """Boolean mask ``(D, H, W)`` of a preprocessed image ``(1, D, H, W)`` on its own grid,
+    with the post-processing ``opts`` (:func:`infer_options`: TTA flips, keep-largest
+    components) that evaluation applies, so that validation measures what test measures."""
+    opts = opts or {"tta_flip": [], "keep_components": 0}
+    prob = probabilities(model, image, patch, overlap, device, amp, opts["tta_flip"])
+    return keep_largest(prob[1] > prob[0], opts["keep_components"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -88,15 +126,14 @@ def load_for_inference(checkpoint, cfg: dict | None = None, log=print):
     elif (ck.parent / "run.json").is_file():
         info = _read_json(ck.parent / "run.json")
     if info is None:
-        cfg = cfg or DEFAULTS
+        cfg = _as_dict(cfg)
         info = {"preset": cfg["model"]["preset"], "model": cfg["model"],
                 "data": {k: cfg["data"].get(k) for k in ("spacing", "roi", "patch",
                                                          "foreground", "modality")},
-                "sw_overlap": cfg["train"]["sw_overlap"]}
-    mcfg = merge_config(DEFAULTS, {"model": dict(info.get("model") or
-                                                 {"preset": info["preset"]})})
-    mcfg["model"]["dropout"] = None
-    model = _build(mcfg)
+                "sw_overlap": cfg["infer"]["sw_overlap"]}
+    mcfg = RunConfig.from_dict({"model": {"preset": (info.get("model") or {}).get(
+        "preset", info.get("preset"))}})
+    model = build_model(mcfg)
     meta = None
     if str(ck).endswith(".safetensors"):
         try:
@@ -112,7 +149,7 @@ def load_for_inference(checkpoint, cfg: dict | None = None, log=print):
             bp = ck.parent / bp
         if not bp.is_file():
             raise RunError(f"{ck}: its base checkpoint {bp} is missing")
-        load_base(model, bp, lambda *a: None)
+        load_base(model, bp)
         try:
             adapter = tsvd.peft.load_adapter(model, str(ck))
         except (ValueError, RuntimeError, KeyError) as e:
@@ -120,7 +157,7 @@ def load_for_inference(checkpoint, cfg: dict | None = None, log=print):
         adapter.merge()
         info["method"] = meta["method"]
     else:
-        load_base(model, ck, lambda *a: None)
+        load_base(model, ck)
     model.eval()
     info["checkpoint"] = str(ck)
     return model, info
@@ -137,27 +174,19 @@ def infer_case(model, item, info, device, amp=False, opts=None):
     """
     import nibabel as nib
     from monai.data import MetaTensor
-    from monai.transforms import KeepLargestConnectedComponent, SpatialResample
+    from monai.transforms import SpatialResample
     opts = opts or {"tta_flip": [], "keep_components": 0}
     patch = info["data"]["patch"]
     overlap = info.get("sw_overlap", 0.25)
     image = item["image"]
-    prob = torch.softmax(sliding_logits(model, image, patch, overlap, device, amp), 0)
-    for ax in opts["tta_flip"]:
-        flipped = torch.flip(plain(image), [ax + 1])
-        p = torch.softmax(sliding_logits(model, flipped, patch, overlap, device, amp), 0)
-        prob += torch.flip(p, [ax + 1])
-    prob /= 1 + len(opts["tta_flip"])
+    prob = probabilities(model, image, patch, overlap, device, amp, opts["tta_flip"])
     prob = MetaTensor(prob, affine=image.affine)
     orig = nib.load(item["path_image"])
     shape = orig.shape[:3]
     back = SpatialResample(mode="bilinear", padding_mode="zeros", dtype=torch.float32)(
         prob, dst_affine=torch.as_tensor(orig.affine, dtype=torch.float64), spatial_size=shape)
     pred = (torch.as_tensor(back)[1] > torch.as_tensor(back)[0]).to(torch.uint8)
-    if opts["keep_components"] > 0 and pred.any():
-        keep = KeepLargestConnectedComponent(applied_labels=[1], is_onehot=False,
-                                             num_components=opts["keep_components"])
-        pred = torch.as_tensor(keep(pred[None].clone()))[0].to(torch.uint8)
+    pred = keep_largest(pred, opts["keep_components"])
     return pred.numpy(), orig.affine, orig.header
 
 
@@ -175,10 +204,11 @@ def evaluate(cfg: dict, checkpoint, out, *, split: str = "test", overwrite: bool
              log=print, progress=True) -> dict:
     """Dice and HD95 (mm) per case of ``split`` on the original grids; CSV + JSON in ``out``."""
     from tqdm.auto import tqdm
+    cfg = _as_dict(cfg)
     out = Path(out)
     check_out_dir(out, overwrite, False)
     infer_options(cfg)
-    device = _device(cfg["train"])
+    device = select_device(cfg["train"]["device"])
     model, info = load_for_inference(checkpoint, cfg, log)
     opts = infer_options(cfg, info.get("infer"))
     model.to(device)
@@ -202,15 +232,17 @@ def evaluate(cfg: dict, checkpoint, out, *, split: str = "test", overwrite: bool
         pred, aff, _ = infer_case(model, item, info, device, cfg["train"].get("amp"), opts)
         gt = _load_label(c["label"], dcfg.get("foreground"))
         d, h = dice_hd95(torch.from_numpy(pred), torch.from_numpy(gt), voxel_spacing(aff))
-        rows.append({"case": c["name"], "dice": d, "hd95_mm": h})
+        rows.append({"case": c["name"], "dice": d, "hd95_mm": h,
+                     "empty_prediction": not bool(pred.any())})
     res = {"checkpoint": info["checkpoint"], "method": info.get("method"), "split": split,
            "dataset": str(dcfg["path"]), "layout": layout, "cases": rows,
            "dice": summarize([r["dice"] for r in rows]),
-           "hd95_mm": summarize([r["hd95_mm"] for r in rows]), "infer": opts,
+           "hd95_mm": summarize([r["hd95_mm"] for r in rows],
+                                empty=[r["empty_prediction"] for r in rows]), "infer": opts,
            "time_s": round(time.time() - t0, 1)}
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["case", "dice", "hd95_mm"])
+    w = csv.DictWriter(buf, fieldnames=["case", "dice", "hd95_mm", "empty_prediction"])
     w.writeheader()
     for r in rows:
         w.writerow(r)
@@ -249,10 +281,11 @@ def predict(cfg: dict, checkpoint, inputs, output, *, overwrite: bool = False, l
         for o in outs:
             if o.exists():
                 raise RunError(f"{o}: output exists (use --overwrite to replace it)")
+    cfg = _as_dict(cfg)
     cases = [{"image": str(p), "label": None, "name": p.name} for p in files]
     check_cases(cases, need_label=False)
     infer_options(cfg)
-    device = _device(cfg["train"])
+    device = select_device(cfg["train"]["device"])
     model, info = load_for_inference(checkpoint, cfg, log)
     opts = infer_options(cfg, info.get("infer"))
     model.to(device)

@@ -20,103 +20,46 @@ single-process run.
 """
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import json
 import math
 import os
-import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .config import RunConfig
+from .config import save_yaml as _save_yaml
 from .data import DataError, check_cases, eval_transforms, load_cases, train_transforms
-from .infer import infer_options, sliding_logits
+from .infer import infer_options, predict_mask
+from .metrics import dice
+from tsvd.models import file_sha256, remove_stale_temporaries, save_checkpoint
+from tsvd.peft import adapt
 
-__all__ = ["DEFAULTS", "merge_config", "train", "evaluate", "predict", "load_for_inference",
-           "RunError"]
+from .runtime import (RunError, apply_transforms, build_model, check_out_dir, load_base,
+                      patch_size, plain, select_device, write_bytes)
 
-DEFAULTS = {
-    "data": {
-        "path": None, "format": "auto", "modality": "t1", "spacing": 1.5, "roi": None,
-        "patch": None, "flip_axes": [0, 1, 2], "pos_fraction": 0.67, "foreground": None,
-        "valid_fraction": 0.2, "max_train": None, "max_valid": None,
-    },
-    "model": {"preset": "cpu", "dropout": None},
-    "method": "lorapt",
-    "peft": {"rank": None, "alpha": None, "train_decoder": True},
-    "pretrained": None,
-    "train": {"epochs": 10, "batch_size": 2, "samples_per_epoch": None, "lr": 1e-3,
-              "weight_decay": 1e-5, "optimizer": "adam", "poly_power": 0.9, "loss": "dicece", "val_every": 1,
-              "average_last": 0, "amp": False, "seed": 0, "sw_overlap": 0.25,
-              "device": "auto", "threads": None},
-    # post-processing of evaluate/predict (None: the trained run's setting, else off)
-    "infer": {"tta_flip": None, "keep_components": None},
-}
+__all__ = ["DEFAULTS", "merge_config", "train", "RunError", "save_yaml"]
 
-METHODS = ("lorapt", "lora", "pissa", "full", "decoder")
+#: the defaults of every setting as a nested dict (``config.yaml``'s layout), generated from
+#: the typed declaration in :mod:`tsvd.peft.seg.config`
+DEFAULTS = RunConfig().to_dict()
 
 
-class RunError(ValueError):
-    """A bad argument or an unusable file; the message names it."""
-
-
-# ------------------------------------------------------------------------------------------
-# config
-# ------------------------------------------------------------------------------------------
 def merge_config(base: dict, over: dict | None, where: str = "config") -> dict:
-    """Deep merge ``over`` into a copy of ``base``; unknown keys are an error."""
-    out = copy.deepcopy(base)
-    for k, v in (over or {}).items():
-        if k not in out:
-            raise RunError(f"{where}: unknown key {k!r} (known: {', '.join(sorted(out))})")
-        if isinstance(out[k], dict) and isinstance(v, dict):
-            out[k] = merge_config(out[k], v, f"{where}.{k}")
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
+    """``over`` laid over ``base`` (both in ``config.yaml``'s layout), every value checked
+    against its declared type and range (:class:`~tsvd.peft.seg.config.ConfigError` naming the
+    key); returns the validated nested dict."""
+    return RunConfig.from_dict(over, where=where, base=RunConfig.from_dict(base)).to_dict()
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    _atomic_bytes(path, buf.getvalue())
-
-
-def save_yaml(obj, path: Path) -> None:
-    import yaml
-    _atomic_bytes(path, yaml.safe_dump(obj, sort_keys=False).encode())
-
-
-def _models():
-    import tsvd.models as M
-    return M
-
-
-def _peft():
-    import tsvd.peft as P
-    return P
+def save_yaml(cfg: dict, path: Path) -> None:
+    """Write a config dict as YAML (atomic; validated first)."""
+    _save_yaml(RunConfig.from_dict(cfg), path)
 
 
 # ------------------------------------------------------------------------------------------
@@ -176,66 +119,25 @@ class _Dist:
                 torch.distributed.broadcast(t.data, 0)
 
 
-def _device(cfg_train) -> torch.device:
-    d = cfg_train.get("device", "auto")
-    if d in (None, "auto"):
-        if torch.cuda.is_available():
-            lr = int(os.environ.get("LOCAL_RANK", "0"))
-            return torch.device(f"cuda:{lr % torch.cuda.device_count()}")
-        return torch.device("cpu")
-    dev = torch.device(d)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RunError(f"device {d!r}: CUDA is not available on this machine")
-    return dev
-
-
 def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)
+    """Seed python, numpy and torch (MONAI's ``set_determinism``)."""
+    from monai.utils import set_determinism
+    set_determinism(seed=seed % (2 ** 32))
 
 
 # ------------------------------------------------------------------------------------------
 # data
 # ------------------------------------------------------------------------------------------
-def _patch(cfg) -> list[int]:
-    if cfg["data"].get("patch"):
-        p = cfg["data"]["patch"]
-        return [int(p)] * 3 if np.isscalar(p) else [int(x) for x in p]
-    kw = _models().preset_kwargs(cfg["model"]["preset"])
-    return list(kw["img_size"])
-
-
 def _data_cfg(cfg) -> dict:
     d = dict(cfg["data"])
-    d["patch"] = _patch(cfg)
+    d["patch"] = patch_size(RunConfig.from_dict(cfg))
     return d
-
-
-def _apply(comp, case):
-    """Run a Compose on one case; a DataError anywhere in MONAI's wrapping is re-raised as is."""
-    try:
-        return comp(dict(case))
-    except Exception as e:  # MONAI wraps errors in RuntimeError("applying transform ...")
-        err = e
-        while err is not None:
-            if isinstance(err, DataError):
-                raise DataError(str(err)) from None
-            err = err.__cause__
-        raise DataError(f"{case['image']}: could not be loaded and preprocessed "
-                        f"({type(e).__name__}: {e})") from e
 
 
 def _prepare(cases, transforms, desc, log):
     from monai.transforms import Compose
     comp = Compose(transforms)
-    return [_apply(comp, c) for c in cases]
-
-
-def _plain(x) -> torch.Tensor:
-    """A plain torch.Tensor view (MONAI's MetaTensor slows every op down)."""
-    x = torch.as_tensor(x)
-    return x.as_subclass(torch.Tensor) if type(x) is not torch.Tensor else x
+    return [apply_transforms(comp, c) for c in cases]
 
 
 class _Sampler:
@@ -254,28 +156,16 @@ class _Sampler:
         out = self.rnd(d)
         if isinstance(out, list):
             out = out[0]
-        return _plain(out["image"]).float(), _plain(out["label"]).float()
+        return plain(out["image"]).float(), plain(out["label"]).float()
 
 
 # ------------------------------------------------------------------------------------------
 # model
 # ------------------------------------------------------------------------------------------
-def _build(cfg, out_channels=2):
-    over = {}
-    if cfg["model"].get("dropout") is not None:
-        over["dropout_rate"] = float(cfg["model"]["dropout"])
-    return _models().build_unetr(cfg["model"]["preset"], out_channels=out_channels, **over)
-
-
-def _load_base(model, path, log):
-    try:
-        rep = _models().load_pretrained(model, str(path))
-    except FileNotFoundError:
-        raise RunError(f"{path}: checkpoint file not found") from None
-    except (ValueError, RuntimeError, KeyError) as e:
-        raise RunError(f"{path}: checkpoint does not fit this model: {e}") from None
-    log(f"loaded {path}: {rep}")
-    return rep
+def _save_torch(obj, path: Path) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes(path, buf.getvalue())
 
 
 def _count(params) -> int:
@@ -283,24 +173,51 @@ def _count(params) -> int:
 
 
 def _peft_options(cfg) -> dict:
-    o = {"train_decoder": bool(cfg["peft"].get("train_decoder", True))}
-    if cfg["peft"].get("rank") is not None:
-        o["rank"] = int(cfg["peft"]["rank"])
-    if cfg["peft"].get("alpha") is not None:
-        o["alpha"] = float(cfg["peft"]["alpha"])
+    """The ``tsvd.peft.adapt`` options of ``cfg["adapter"]`` (those that were set)."""
+    a = cfg["adapter"]
+    o = {"train_decoder": bool(a["train_decoder"])}
+    if a.get("rank") is not None:
+        o["rank"] = int(a["rank"])
+    if a.get("alpha") is not None:
+        o["alpha"] = float(a["alpha"])
     return o
 
 
-def _val_dice(model, items, patch, overlap, device, amp) -> float:
+def _weights_in_use(model, adapter) -> torch.nn.Module:
+    """A plain copy of the network with the weights the model uses now (adapter merged)."""
+    import copy
+    twin = adapter.merged_copy() if adapter is not None else copy.deepcopy(model)
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin.cpu()
+
+
+def _averaged_model(first: torch.nn.Module):
+    """``torch.optim.swa_utils.AveragedModel`` (equal weights) started from ``first``."""
+    from torch.optim.swa_utils import AveragedModel
+    avg = AveragedModel(first)
+    avg.update_parameters(first)
+    return avg
+
+
+def _identity_diff(saved: dict, now: dict, prefix: str = "") -> list:
+    """``["key: saved -> now", ...]`` for every leaf where two nested dicts differ."""
+    out = []
+    for k in sorted(set(saved) | set(now)):
+        a, b = saved.get(k, "<missing>"), now.get(k, "<missing>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _identity_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} (run) vs {b!r} (now)")
+    return out
+
+
+def _val_dice(model, items, patch, overlap, device, amp, opts) -> float:
+    """Mean Dice over the validation items (preprocessed grid), with the same post-processing
+    ``opts`` (TTA flips, keep-largest components) that evaluation applies."""
     model.eval()
-    ds = []
-    for it in items:
-        y = sliding_logits(model, it["image"], patch, overlap, device, amp)
-        pred = y.argmax(0) == 1
-        gt = _plain(it["label"])[0] > 0.5
-        inter = (pred & gt).sum().item()
-        s = pred.sum().item() + gt.sum().item()
-        ds.append(1.0 if s == 0 else 2.0 * inter / s)
+    ds = [dice(predict_mask(model, it["image"], patch=patch, overlap=overlap, device=device,
+                            amp=amp, opts=opts), plain(it["label"])[0] > 0.5) for it in items]
     model.train()
     return float(np.mean(ds)) if ds else float("nan")
 
@@ -308,14 +225,6 @@ def _val_dice(model, items, patch, overlap, device, amp) -> float:
 # ------------------------------------------------------------------------------------------
 # training
 # ------------------------------------------------------------------------------------------
-def _check_out(out: Path, overwrite: bool, resume: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise RunError(f"{out}: output path exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (overwrite or resume):
-        raise RunError(f"{out}: output folder exists and is not empty (use --overwrite to "
-                       f"replace its files, or --resume to continue the run in it)")
-
-
 def train(cfg: dict, out, *, task: str = "finetune", overwrite: bool = False,
           resume: bool = False, log=print, progress: bool = True) -> dict:
     """Train one run into folder ``out``; returns the summary dict (also ``summary.json``).
@@ -326,40 +235,73 @@ def train(cfg: dict, out, *, task: str = "finetune", overwrite: bool = False,
     from tqdm.auto import tqdm
     out = Path(out)
     t_start = time.time()
+    if task not in ("pretrain", "finetune"):
+        raise RunError(f"task: expected pretrain or finetune, got {task!r}")
+    rc = cfg if isinstance(cfg, RunConfig) else RunConfig.from_dict(cfg)
+    cfg = rc.to_dict()                      # validated, config.yaml's layout
     tcfg = cfg["train"]
-    method = "full" if task == "pretrain" else cfg["method"]
-    if method not in METHODS:
-        raise RunError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
-    for k in ("epochs", "batch_size"):
-        if not isinstance(tcfg[k], int) or tcfg[k] < 1:
-            raise RunError(f"train.{k}: expected a positive integer, got {tcfg[k]!r}")
+    method = "full" if task == "pretrain" else cfg["adapter"]["method"]
     if not cfg["data"].get("path"):
-        raise RunError("data.path (--data): a dataset folder is required")
+        raise RunError("--data (data.path): a dataset folder is required")
     infer_opts = infer_options(cfg)
-    if tcfg.get("optimizer", "adam") not in ("adam", "sgd"):
-        raise RunError(f"train.optimizer: expected adam or sgd, got {tcfg['optimizer']!r}")
-    if str(tcfg["loss"]) not in ("dice", "dicece", "dice-fg", "dicece-fg"):
-        raise RunError(f"train.loss: expected dice, dicece, dice-fg or dicece-fg, got "
-                       f"{tcfg['loss']!r}")
-    device = _device(tcfg)
+    device = select_device(tcfg.get("device"))
     dist = _Dist(device)
     if tcfg["batch_size"] % dist.world:
-        raise RunError(f"batch size {tcfg['batch_size']} is not divisible by the number of "
-                       f"processes {dist.world}")
+        raise RunError(f"--batch-size (train.batch_size): {tcfg['batch_size']} is not divisible "
+                       f"by the number of processes {dist.world}")
     if tcfg.get("amp") and device.type != "cuda":
         log("note: --amp only applies on CUDA; training in float32 on the CPU")
     if tcfg.get("threads"):
         torch.set_num_threads(int(tcfg["threads"]))
-    pre = cfg.get("pretrained")
+    pre = cfg["model"]["pretrained"]
     if task == "finetune" and method != "full" and not pre:
-        raise RunError(f"method {method}: --pretrained CKPT (the base model) is required")
+        raise RunError(f"--pretrained (model.pretrained): method {method} needs the base "
+                       f"checkpoint")
     if pre and not Path(pre).is_file():
-        raise RunError(f"{pre}: pretrained checkpoint not found")
-    if dist.main:
-        _check_out(out, overwrite, resume)
+        raise RunError(f"--pretrained (model.pretrained): {pre}: checkpoint file not found")
+    if task == "pretrain" and cfg["adapter"].get("adapter_lr") is not None:
+        raise RunError("--adapter-lr (adapter.adapter_lr): pre-training has no adapter")
+    if task == "pretrain" or method == "full":
+        for k in ("rank", "alpha", "adapter_lr"):
+            if cfg["adapter"].get(k) is not None:
+                raise RunError(f"--{k.replace('_', '-')} (adapter.{k}): "
+                               + ("pre-training" if task == "pretrain" else "--method full")
+                               + " trains every parameter and has no adapter")
     ckpt_path = out / "checkpoint_last.pt"
+    if dist.main:
+        remove_stale_temporaries(out)
+        # a folder left by a run killed before its first checkpoint restarts as new
+        fresh_restart = out.is_dir() and not ckpt_path.exists() and not any(
+            out.glob("*.safetensors"))
+        check_out_dir(out, overwrite or fresh_restart, resume)
     if resume and not ckpt_path.is_file():
         raise RunError(f"{ckpt_path}: nothing to resume (no checkpoint in the output folder)")
+    resumed = None
+    if resume:
+        try:
+            resumed = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise RunError(f"{ckpt_path}: cannot be read (truncated or corrupted?): "
+                           f"{type(e).__name__}: {str(e)[:200]}") from None
+    identity = {"task": task, "method": method, "config": rc.identity(),
+                "base_sha256": file_sha256(pre) if pre else None,
+                "peft": _peft_options(cfg) if task == "finetune" and method not in
+                ("full",) else None}
+    resume_changes = {}
+    if resumed is not None:
+        saved = resumed.get("identity")
+        if saved is None:
+            raise RunError(f"{ckpt_path}: written by an older version without the run's "
+                           f"identity; start a new run (--overwrite)")
+        diff = _identity_diff({k: v for k, v in saved.items() if k != "cases"}, identity)
+        if diff:
+            raise RunError(f"--resume: the run in {out} was trained with other settings; "
+                           f"refusing to continue it with: " + "; ".join(diff)
+                           + " (only epochs, val_every, device and threads may change)")
+        old_train = resumed.get("train_settings", {})
+        resume_changes = {k: [old_train.get(k), tcfg.get(k)] for k in
+                          ("epochs", "val_every", "device", "threads")
+                          if old_train.get(k) != tcfg.get(k)}
     # ---- data: header checks, then cached deterministic transforms (voxel checks)
     dcfg = _data_cfg(cfg)
     layout, splits, allowed = load_cases(dcfg["path"], dcfg["format"], modality=dcfg["modality"],
@@ -373,14 +315,22 @@ def train(cfg: dict, out, *, task: str = "finetune", overwrite: bool = False,
     if not tr:
         raise DataError(f"{dcfg['path']}: no training cases ({layout} layout)")
     check_cases(tr + va)
+    identity["cases"] = {"train": [c["name"] for c in tr], "valid": [c["name"] for c in va]}
+    if resumed is not None and resumed["identity"].get("cases") != identity["cases"]:
+        raise RunError(f"--resume: the run in {out} was trained on other train/valid cases "
+                       f"(dataset or split changed); refusing to continue it")
     # ---- model
     _seed_all(tcfg["seed"])
-    model = _build(cfg)
+    model = build_model(RunConfig.from_dict(cfg))
     if pre:
-        _load_base(model, pre, log if dist.main else (lambda *a: None))
+        load_base(model, pre, log if dist.main else None)
     adapter = None
     if task == "finetune" and method != "full":
-        adapter = _peft().adapt(model, method, **_peft_options(cfg))
+        try:
+            adapter = adapt(model, method, **_peft_options(cfg))
+        except (ValueError, TypeError) as e:
+            raise RunError(f"--method {method} with --rank/--alpha/--train-decoder "
+                           f"(adapter.*): {e}") from None
         params = list(adapter.trainable_parameters())
     else:
         for p in model.parameters():
@@ -414,17 +364,21 @@ def train(cfg: dict, out, *, task: str = "finetune", overwrite: bool = False,
     spe = int(tcfg.get("samples_per_epoch") or len(tr_items))
     iters = max(1, math.ceil(spe / bs))
     total = iters * tcfg["epochs"]
-    if tcfg.get("optimizer", "adam") == "adam":     # the paper's: Adam, amsgrad
-        opt = torch.optim.Adam(params, lr=float(tcfg["lr"]),
-                               weight_decay=float(tcfg["weight_decay"]), amsgrad=True)
-    elif tcfg["optimizer"] == "sgd":
-        opt = torch.optim.SGD(params, lr=float(tcfg["lr"]), momentum=0.9,
-                              weight_decay=float(tcfg["weight_decay"]))
+    if adapter is not None:          # adapter tensors and the rest at their own rates
+        groups = adapter.param_groups(float(tcfg["lr"]), cfg["adapter"].get("adapter_lr"))
     else:
-        raise RunError(f"train.optimizer: expected adam or sgd, got {tcfg['optimizer']!r}")
+        groups = [{"params": params, "lr": float(tcfg["lr"]), "name": "model"}]
+    if tcfg["optimizer"] == "adam":     # the paper's: Adam, amsgrad
+        opt = torch.optim.Adam(groups, lr=float(tcfg["lr"]),
+                               weight_decay=float(tcfg["weight_decay"]), amsgrad=True)
+    else:
+        opt = torch.optim.SGD(groups, lr=float(tcfg["lr"]), momentum=0.9,
+                              weight_decay=float(tcfg["weight_decay"]))
     power = float(tcfg["poly_power"])
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda it: max(0.0, 1.0 - it / total) ** power)
+
+    def poly(it):            # LambdaLR (not PolynomialLR, whose saved total_iters would win
+        return max(0.0, 1.0 - it / total) ** power      # over a --resume with more epochs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, poly)
     from monai.losses import DiceCELoss, DiceLoss
     # "-fg": the Dice term over the foreground classes only (the background's Dice is ~1 for a
     # small structure and only dilutes the gradient); cross-entropy always sees every class
@@ -451,20 +405,28 @@ def train(cfg: dict, out, *, task: str = "finetune", overwrite: bool = False,
         else:
             model.load_state_dict(sd)
 
-    history, avg_buf, best, start_epoch = [], [], -1.0, 0
-    if resume:
-        st = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if st.get("method") != method or st.get("preset") != cfg["model"]["preset"]:
-            raise RunError(f"{ckpt_path}: checkpoint of method {st.get('method')!r} / preset "
-                           f"{st.get('preset')!r}, cannot resume a {method!r} / "
-                           f"{cfg['model']['preset']!r} run")
+    history, best, start_epoch, resumes = [], -1.0, 0, []
+    averaged = None          # torch.optim.swa_utils.AveragedModel of the weights the model uses
+    if resumed is not None:
+        st = resumed
         load_trainable(st["trainable"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
-        history, avg_buf, best = st["history"], st["avg_buf"], st["best"]
+        # the rate of the next step on the (possibly extended, --epochs raised) schedule; the
+        # restored optimizer holds the rate of the old schedule's end otherwise
+        for g, base in zip(opt.param_groups, sched.base_lrs):
+            g["lr"] = base * poly(sched.last_epoch)
+        history, best = st["history"], st["best"]
+        resumes = list(st.get("resumes", []))
         start_epoch = st["epoch"] + 1
+        if st.get("averaged") is not None:
+            averaged = _averaged_model(_weights_in_use(model, adapter))
+            averaged.load_state_dict(st["averaged"])
+        if resume_changes:
+            resumes.append({"at_epoch": start_epoch, "changed": resume_changes})
         if dist.main:
-            log(f"resuming from {ckpt_path} after epoch {start_epoch}")
+            log(f"resuming from {ckpt_path} after epoch {start_epoch}"
+                + (f"; changed: {resume_changes}" if resume_changes else ""))
     run_info = {"task": task, "method": method, "preset": cfg["model"]["preset"],
                 "model": cfg["model"], "data": {k: dcfg[k] for k in
                                                  ("spacing", "roi", "patch", "foreground",
@@ -473,7 +435,11 @@ def train(cfg: dict, out, *, task: str = "finetune", overwrite: bool = False,
                 "peft": _peft_options(cfg) if adapter is not None else None,
                 "trainable_parameters": n_train, "model_parameters": n_total,
                 "adapter_parameters": n_adapter,
-                "sw_overlap": tcfg["sw_overlap"], "infer": infer_opts}
+                "sw_overlap": cfg["infer"]["sw_overlap"], "infer": infer_opts,
+                "lr": {"other": float(tcfg["lr"]),
+                       "adapter": (cfg["adapter"].get("adapter_lr") or float(tcfg["lr"]))
+                       if adapter is not None else None},
+                "resumes": resumes}
     writer = None
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -484,13 +450,17 @@ def train(cfg: dict, out, *, task: str = "finetune", overwrite: bool = False,
         except Exception as e:  # tensorboard missing: curves still go to CSV/PNG
             log(f"note: no TensorBoard logs ({e})")
     prefix = "adapter" if adapter is not None else "model"
+    # --overwrite: the previous run's files go once this run's first checkpoint is written
+    previous = [p for p in out.glob("*") if p.name.endswith((".safetensors", ".csv", ".png",
+                                                              ".json"))
+                or p.name == "tb"] if (overwrite and resumed is None and out.is_dir()) else []
 
     def save_artefact(kind):
         path = out / f"{prefix}_{kind}.safetensors"
         if adapter is not None:
             adapter.save(str(path), base_checkpoint=str(Path(pre).resolve()))
         else:
-            _models().save_checkpoint(model, str(path), meta={"preset": cfg["model"]["preset"]})
+            save_checkpoint(model, str(path), meta={"preset": cfg["model"]["preset"]})
         return path.name
 
     model.train()
@@ -527,16 +497,20 @@ def train(cfg: dict, out, *, task: str = "finetune", overwrite: bool = False,
         bar.close()
         train_time = time.time() - te
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
-               "lr": float(opt.param_groups[0]["lr"]), "epoch_time_s": round(train_time, 2),
+               "lr": float(tcfg["lr"]) * poly(sched.last_epoch),
+               "epoch_time_s": round(train_time, 2),
                "val_dice": float("nan")}
-        if tcfg.get("average_last"):
-            avg_buf.append(trainable_state())
-            avg_buf = avg_buf[-int(tcfg["average_last"]):]
+        if tcfg["average_last"] and epoch >= tcfg["epochs"] - tcfg["average_last"]:
+            if averaged is None:
+                averaged = _averaged_model(_weights_in_use(model, adapter))
+            else:
+                averaged.update_parameters(_weights_in_use(model, adapter))
         if dist.main:
             do_val = nvalid and ((epoch + 1) % int(tcfg["val_every"]) == 0
                                  or epoch + 1 == tcfg["epochs"])
             if do_val:
-                row["val_dice"] = _val_dice(model, va_items, patch, tcfg["sw_overlap"], device, amp)
+                row["val_dice"] = _val_dice(model, va_items, patch, cfg["infer"]["sw_overlap"],
+                                           device, amp, infer_opts)
             row["time_s"] = round(time.time() - te, 2)
             history.append(row)
             log(f"epoch {epoch + 1}: loss {row['train_loss']:.4f}, val Dice "
@@ -556,33 +530,46 @@ def train(cfg: dict, out, *, task: str = "finetune", overwrite: bool = False,
             run_info["artefacts"]["last"] = f"{prefix}_last.safetensors"
             if (out / f"{prefix}_best.safetensors").exists():
                 run_info["artefacts"]["best"] = f"{prefix}_best.safetensors"
-            _atomic_bytes(out / "run.json", json.dumps(run_info, indent=1).encode())
-            _atomic_torch_save({"epoch": epoch, "method": method,
-                                "preset": cfg["model"]["preset"],
-                                "trainable": trainable_state(), "optimizer": opt.state_dict(),
-                                "scheduler": sched.state_dict(), "history": history,
-                                "avg_buf": avg_buf, "best": best}, ckpt_path)
+            write_bytes(out / "run.json", json.dumps(run_info, indent=1).encode())
+            _save_torch({"epoch": epoch, "method": method, "identity": identity,
+                         "train_settings": {k: tcfg.get(k) for k in
+                                            ("epochs", "val_every", "device", "threads")},
+                         "resumes": resumes, "preset": cfg["model"]["preset"],
+                         "trainable": trainable_state(), "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(), "history": history,
+                         "averaged": averaged.state_dict() if averaged is not None else None,
+                         "best": best}, ckpt_path)
+            for p in previous:             # the replaced run's files this run did not rewrite
+                if p.is_dir() and p.name == "tb":
+                    continue               # TensorBoard: this run's writer appends there
+                if p.exists() and p.stat().st_mtime < t_start:
+                    p.unlink()
+            previous = []
         else:
             history.append(row)
         dist.barrier()
     summary = {}
     if dist.main:
         arts = run_info.setdefault("artefacts", {})
-        if tcfg.get("average_last") and avg_buf:
-            avg = {k: torch.stack([s[k].float() for s in avg_buf]).mean(0).to(avg_buf[0][k].dtype)
-                   for k in avg_buf[0]}
-            load_trainable(avg)
-            arts["avg"] = save_artefact("avg")
-            vd = _val_dice(model, va_items, patch, tcfg["sw_overlap"], device, amp) if nvalid \
-                else float("nan")
+        if averaged is not None:
+            # the average of the weights the model used (for LoRA-PT the rebuilt weights, not
+            # the factors), saved as a plain model file
+            save_checkpoint(averaged.module, str(out / "model_avg.safetensors"),
+                            meta={"preset": cfg["model"]["preset"],
+                                  "averaged_epochs": int(averaged.n_averaged)})
+            arts["avg"] = "model_avg.safetensors"
+            vd = _val_dice(averaged.module.to(device), va_items, patch,
+                           cfg["infer"]["sw_overlap"], device, amp, infer_opts) \
+                if nvalid else float("nan")
             run_info["avg_val_dice"] = vd
-            run_info["averaged_epochs"] = len(avg_buf)
-            log(f"average of the last {len(avg_buf)} epochs: val Dice {vd:.4f}")
+            run_info["averaged_epochs"] = int(averaged.n_averaged)
+            log(f"average of the last {int(averaged.n_averaged)} epochs' weights: val Dice "
+                f"{vd:.4f}")
         arts.setdefault("last", f"{prefix}_last.safetensors")
         run_info["default_artefact"] = ("avg" if "avg" in arts else
                                         "best" if "best" in arts else "last")
         run_info["complete"] = True
-        _atomic_bytes(out / "run.json", json.dumps(run_info, indent=1).encode())
+        write_bytes(out / "run.json", json.dumps(run_info, indent=1).encode())
         if writer is not None:
             writer.close()
         _plot_curves(history, out / "curves.png", log)
@@ -592,7 +579,7 @@ def train(cfg: dict, out, *, task: str = "finetune", overwrite: bool = False,
                    "final_val_dice": history[-1]["val_dice"] if history else None,
                    "wall_time_s": round(time.time() - t_start, 1),
                    "artefact": str(out / arts[run_info["default_artefact"]])}
-        _atomic_bytes(out / "summary.json", json.dumps(summary, indent=1).encode())
+        write_bytes(out / "summary.json", json.dumps(summary, indent=1).encode())
     dist.barrier()
     dist.close()
     return summary
@@ -605,7 +592,7 @@ def _write_curves(history, path: Path) -> None:
     w.writeheader()
     for r in history:
         w.writerow(r)
-    _atomic_bytes(path, buf.getvalue().encode())
+    write_bytes(path, buf.getvalue().encode())
 
 
 def _plot_curves(history, path: Path, log) -> None:
@@ -624,4 +611,4 @@ def _plot_curves(history, path: Path, log) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    _atomic_bytes(path, buf.getvalue())
+    write_bytes(path, buf.getvalue())
