@@ -136,8 +136,8 @@ class CompareError(ValueError):
 # ------------------------------------------------------------------------------------------
 def atomic_write(path, data) -> None:
     """Write ``data`` (bytes or str) to ``path`` through a temporary file + ``os.replace``."""
-    from tsvd.peft.seg.train import _atomic_bytes
-    _atomic_bytes(Path(path), data.encode() if isinstance(data, str) else data)
+    from tsvd.peft.seg.runtime import write_bytes
+    write_bytes(Path(path), data.encode() if isinstance(data, str) else data)
 
 
 def _json_default(o):
@@ -334,7 +334,7 @@ class Comparison:
 
     ``datasets``: protocol -> dataset folder (EADC layout); ``pretrained``: base checkpoint.
     ``train_fn`` / ``evaluate_fn`` default to :func:`tsvd.peft.seg.train.train` and
-    :func:`tsvd.peft.seg.train.evaluate` (the tests replace them).
+    :func:`tsvd.peft.seg.infer.evaluate` (the tests replace them).
     """
 
     def __init__(self, out, settings: dict, variants: list[dict], lr_grid: dict, *,
@@ -350,7 +350,8 @@ class Comparison:
         self.pretrained = Path(pretrained)
         self.device = device or "auto"
         self.train_fn = train_fn or T.train
-        self.evaluate_fn = evaluate_fn or T.evaluate
+        from tsvd.peft.seg import infer
+        self.evaluate_fn = evaluate_fn or infer.evaluate
         self.log = log
         self.verbose = verbose
         self.plots = plots
@@ -385,7 +386,7 @@ class Comparison:
     def config(self, protocol: str, regime: str, variant: dict, lr: float, seed: int) -> dict:
         """The training configuration (``tsvd.peft.seg.train`` schema) of one run.
 
-        Everything but ``method``, ``peft.rank``, ``train.lr`` (and ``train.seed`` across
+        Everything but ``adapter.method``, ``adapter.rank``, ``train.lr`` (and ``train.seed`` across
         seeds) is the same for every variant of a (regime, protocol)."""
         T = _train_module()
         from tsvd.models import preset_kwargs
@@ -400,10 +401,9 @@ class Comparison:
                      "roi": ({"centre_mm": list(HIPPOCAMPUS_ROI_MM[0]), "size": patch}
                              if S.get("roi", "mni-hippocampus") == "mni-hippocampus" else None),
                      "max_train": n},
-            "model": {"preset": S["preset"]},
-            "method": variant["method"],
-            "peft": {"rank": variant["rank"], "train_decoder": True},
-            "pretrained": str(self.pretrained),
+            "model": {"preset": S["preset"], "pretrained": str(self.pretrained)},
+            "adapter": {"method": variant["method"], "rank": variant["rank"],
+                        "train_decoder": True},
             "train": {"epochs": int(S["epochs"]), "batch_size": int(S["batch_size"]),
                       "samples_per_epoch": int(S["samples_per_epoch"]), "lr": float(lr),
                       "seed": int(seed), "device": self.device, "val_every": 1,

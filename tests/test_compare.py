@@ -46,7 +46,7 @@ def fake_dataset(root: Path, n_train=8, n_valid=2, n_test=3) -> Path:
 
 def _score(cfg, salt):
     """A deterministic pseudo-score in (0.5, 0.9) of a run's method, rank, lr, seed, data."""
-    key = json.dumps([cfg["method"], cfg["peft"]["rank"], cfg["train"]["lr"],
+    key = json.dumps([cfg["adapter"]["method"], cfg["adapter"]["rank"], cfg["train"]["lr"],
                       cfg["train"]["seed"], cfg["data"]["path"], cfg["data"]["max_train"], salt])
     h = sum((i + 1) * ord(c) for i, c in enumerate(key)) % 1000
     return 0.5 + 0.4 * h / 1000
@@ -72,8 +72,8 @@ class FakeTrainer:
             for e in range(n):
                 f.write(f"{e + 1},{1.0 / (e + 1)},{0.5 + 0.01 * e},0.001,3.0,3.5\n")
         art = out / "adapter_best.safetensors"
-        art.write_bytes(b"x" * (100 + len(cfg["method"])))
-        return {"trainable_parameters": 1000 + (cfg["peft"]["rank"] or 0),
+        art.write_bytes(b"x" * (100 + len(cfg["adapter"]["method"])))
+        return {"trainable_parameters": 1000 + (cfg["adapter"]["rank"] or 0),
                 "model_parameters": 5000, "best_val_dice": _score(cfg, "val"),
                 "final_val_dice": 0.5, "artefact": str(art)}
 
@@ -135,18 +135,18 @@ def test_every_variant_gets_same_data_seed_budget_and_base(setup, sweep):
         groups.setdefault(key, []).append(c)
     assert len(groups) == 2 * 2 * 3
     for key, cs in groups.items():
-        ref = _strip(cs[0], "method", "peft.rank", "train.lr")
+        ref = _strip(cs[0], "adapter.method", "adapter.rank", "train.lr")
         for c in cs[1:]:
-            assert _strip(c, "method", "peft.rank", "train.lr") == ref
-        assert {c["method"] for c in cs} == set(C.METHODS)
+            assert _strip(c, "adapter.method", "adapter.rank", "train.lr") == ref
+        assert {c["adapter"]["method"] for c in cs} == set(C.METHODS)
     # across seeds only train.seed differs; across regimes only data.max_train; across
     # protocols only data.path
-    base = _strip(cfgs[0], "method", "peft.rank", "train.lr", "train.seed", "data.max_train",
+    base = _strip(cfgs[0], "adapter.method", "adapter.rank", "train.lr", "train.seed", "data.max_train",
                   "data.path")
     for c in cfgs:
-        assert _strip(c, "method", "peft.rank", "train.lr", "train.seed", "data.max_train",
+        assert _strip(c, "adapter.method", "adapter.rank", "train.lr", "train.seed", "data.max_train",
                       "data.path") == base
-    assert {c["pretrained"] for c in cfgs} == {str(setup[1])}
+    assert {c["model"]["pretrained"] for c in cfgs} == {str(setup[1])}
     assert {c["data"]["max_train"] for c in cfgs} == {8, 2}        # 25 % of 8 subjects
     assert {c["train"]["seed"] for c in cfgs} == {0, 1, 2}
     # the sweep is on seed 0 only; final runs use the chosen rate; the sweep run at the
@@ -168,7 +168,7 @@ def test_every_variant_gets_same_data_seed_budget_and_base(setup, sweep):
     for c in cfgs:
         if c["train"]["seed"] > 0:
             assert any(r["run_dir"] and r["lr"] == c["train"]["lr"] and r["method"] ==
-                       c["method"] for r in final)
+                       c["adapter"]["method"] for r in final)
     sweeps = [r for r in cmp.runs if r["sweep"]]
     assert len(sweeps) == n_sweep * (1 if sweep == "method" else 4)
     assert {r["seed"] for r in sweeps} == {0}
