@@ -158,6 +158,9 @@ def tsvd(X: torch.Tensor, k: int | None = None, *, transform="fft", method: str 
         k = check_rank("k", k, n1, n2)
     if method not in ("auto", "full", "randomized"):
         raise ValueError(f"method: expected 'auto', 'full' or 'randomized', got {method!r}")
+    if method == "randomized" and k is None:
+        raise ValueError("k: method='randomized' computes a truncated t-SVD and needs k "
+                         "(1 <= k <= min(n1, n2)); use method='full' for the economy t-SVD")
     if oversample is not None and (isinstance(oversample, bool) or not isinstance(oversample, int)
                                    or oversample < 0):
         raise ValueError(f"oversample: expected a non-negative int or None, got {oversample!r}")
