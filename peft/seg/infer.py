@@ -190,6 +190,19 @@ def infer_case(model, item, info, device, amp=False, opts=None):
     return pred.numpy(), orig.affine, orig.header
 
 
+def _prepare_inference(cfg: dict, checkpoint, log):
+    """(device, model on it, run info, post-processing options, data settings of the run)
+    for :func:`evaluate` and :func:`predict`."""
+    infer_options(cfg)                         # the flags' own settings, checked first
+    device = select_device(cfg["train"]["device"])
+    model, info = load_for_inference(checkpoint, cfg, log)
+    opts = infer_options(cfg, info.get("infer"))
+    model.to(device)
+    dcfg = dict(cfg["data"])
+    dcfg.update(info["data"])                  # the run's preprocessing wins
+    return device, model, info, opts, dcfg
+
+
 def _load_label(path, foreground):
     import nibabel as nib
     lab = np.asarray(nib.load(path).dataobj)
@@ -207,13 +220,7 @@ def evaluate(cfg: dict, checkpoint, out, *, split: str = "test", overwrite: bool
     cfg = _as_dict(cfg)
     out = Path(out)
     check_out_dir(out, overwrite, False)
-    infer_options(cfg)
-    device = select_device(cfg["train"]["device"])
-    model, info = load_for_inference(checkpoint, cfg, log)
-    opts = infer_options(cfg, info.get("infer"))
-    model.to(device)
-    dcfg = dict(cfg["data"])
-    dcfg.update({k: v for k, v in info["data"].items()})
+    device, model, info, opts, dcfg = _prepare_inference(cfg, checkpoint, log)
     layout, splits, allowed = load_cases(dcfg["path"], dcfg["format"], modality=dcfg["modality"],
                                          valid_fraction=dcfg["valid_fraction"],
                                          seed=cfg["train"]["seed"])
@@ -284,13 +291,7 @@ def predict(cfg: dict, checkpoint, inputs, output, *, overwrite: bool = False, l
     cfg = _as_dict(cfg)
     cases = [{"image": str(p), "label": None, "name": p.name} for p in files]
     check_cases(cases, need_label=False)
-    infer_options(cfg)
-    device = select_device(cfg["train"]["device"])
-    model, info = load_for_inference(checkpoint, cfg, log)
-    opts = infer_options(cfg, info.get("infer"))
-    model.to(device)
-    dcfg = dict(cfg["data"])
-    dcfg.update(info["data"])
+    device, model, info, opts, dcfg = _prepare_inference(cfg, checkpoint, log)
     comp = Compose(eval_transforms(dcfg, {0, 1}, with_label=False))
     written = []
     for c, o in tqdm(list(zip(cases, outs)), desc="predict", disable=not progress, file=sys.stderr):
