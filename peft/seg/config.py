@@ -145,8 +145,6 @@ class TrainConfig:
     device: str = opt("auto", "auto, cpu, cuda or cuda:N", commands=_ALL, resume="may-change")
     threads: int | None = opt(None, "torch CPU threads", lo=1, hi=1024, commands=_ALL,
                               resume="may-change")
-    workers: int = opt(0, "DataLoader worker processes for the training samples", lo=0, hi=64,
-                       resume="may-change")
 
 
 @dataclass
