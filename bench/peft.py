@@ -7,8 +7,10 @@ one training step's time and peak memory, side by side in one run.
 
 A training step is: zero_grad, forward of a random ``(B, 1, D, H, W)`` volume, cross-entropy
 against random labels, backward, and the paper's optimizer step (Adam, lr 1e-3,
-weight decay 1e-5, amsgrad) over ``adapter.trainable_parameters()``. Every method runs with
-its defaults (rank 8, ``train_decoder=True``: the CNN decoder and head train too).
+weight decay 1e-5, amsgrad) over ``adapter.param_groups(1e-3, weight_decay=1e-5)`` (the
+adapter's own groups and rates, see ``tsvd.peft.Adapter.param_groups``). Every method of
+``tsvd.peft.METHODS`` (lorapt ours; lora, pissa, dora from HF PEFT) runs with its defaults
+(rank 8, ``train_decoder=True``: the CNN decoder and head train too).
 
 How each number is measured:
 
@@ -26,7 +28,8 @@ How each number is measured:
   minus the anonymous resident memory before the model was built (after all imports). It
   counts the same things as the CUDA number plus small allocator and thread overheads.
 - Adapter file: ``adapter.save()`` (safetensors), against the full model saved the same way.
-  ``adapter MB`` counts the adapter tensors only (U, S, V / lora_A, lora_B), ``file MB`` the
+  ``adapter MB`` counts the adapter tensors only (``adapter.adapter_names``: U, S, V /
+  lora_A, lora_B, DoRA's magnitudes), ``file MB`` the
   whole file, which with ``train_decoder=True`` also holds the trained decoder.
 """
 from __future__ import annotations
@@ -41,7 +44,16 @@ import sys
 import tempfile
 import time
 
-METHODS = ("lorapt", "lora", "pissa", "decoder", "full")
+# this script's folder holds peft.py and kernels.py, which would shadow HF PEFT and the
+# ``kernels`` package that HF's transformers imports: take it off the import path
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
+from tsvd.peft import METHODS, get_method  # noqa: E402  (no HF PEFT import until needed)
+
+
+def _has_rank(method) -> bool:
+    return "rank" in get_method(method).options
 
 
 def _rss_kb(field="VmRSS") -> int:
@@ -64,12 +76,11 @@ def _setup(preset, method, device, batch, rank, seed=0):
     from tsvd.peft import adapt
     torch.manual_seed(seed)
     model = build_unetr(preset).to(device).train()
-    opts = {"rank": rank} if method in ("lorapt", "lora", "pissa") else {}
+    opts = {"rank": rank} if _has_rank(method) else {}
     t0 = time.perf_counter()
     adapter = adapt(model, method, **opts)
     t_adapt = time.perf_counter() - t0
-    opt = torch.optim.Adam(adapter.trainable_parameters(), lr=1e-3, weight_decay=1e-5,
-                           amsgrad=True)
+    opt = torch.optim.Adam(adapter.param_groups(1e-3, weight_decay=1e-5), amsgrad=True)
     from tsvd.models import PRESETS
     size = tuple(PRESETS[preset]["img_size"])
     g = torch.Generator().manual_seed(seed)
@@ -107,7 +118,7 @@ def child_one(args) -> dict:
     counts = adapter.num_trainable()
     sd = adapter.state_dict()
     adapter_bytes = sum(v.numel() * v.element_size() for k, v in sd.items()
-                        if k in adapter._adapter_names)
+                        if k in set(adapter.adapter_names))
     with tempfile.TemporaryDirectory() as d:
         p = adapter.save(os.path.join(d, "a.safetensors"))
         file_bytes = os.path.getsize(p)
@@ -135,7 +146,7 @@ def child_one(args) -> dict:
         times.append(time.perf_counter() - t0)
     return {
         "preset": args.preset, "method": args.method, "device": dev, "batch": args.batch,
-        "rank": args.rank if args.method in ("lorapt", "lora", "pissa") else None,
+        "rank": args.rank if _has_rank(args.method) else None,
         "trainable": counts, "adapter_bytes": adapter_bytes, "file_bytes": file_bytes,
         "adapt_s": t_adapt, "step_s_alone": statistics.median(times), "step_times_alone": times,
         "peak_bytes": peak, "before_step_bytes": steady,

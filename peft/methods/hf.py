@@ -29,8 +29,9 @@ top ``r`` of q, k, v separately).
 HF PEFT is imported lazily (:func:`hf_peft`), so ``tsvd.peft`` with ``lorapt``, ``full`` and
 ``decoder`` works without it. HF's package is also named ``peft``; when the repository root is
 on ``sys.path`` (``python -m pytest`` from the checkout), ``import peft`` would find this
-repository's ``peft/`` folder, so :func:`hf_peft` looks it up on ``sys.path`` without that
-folder.
+repository's ``peft/`` folder (and ``python bench/peft.py`` would find that script), so
+:func:`hf_peft` takes the first *package* named ``peft`` on ``sys.path`` that is not this
+repository's folder.
 """
 from __future__ import annotations
 
@@ -69,16 +70,18 @@ def hf_peft():
     """
     mod = sys.modules.get("peft")
     if mod is None:
-        path = []
-        for p in sys.path:
+        spec = None
+        for p in sys.path:          # the first package named peft that is not our folder
             try:
-                if (Path(p or ".").resolve() / "peft") == _OURS:
-                    continue
-            except OSError:
+                s = importlib.machinery.PathFinder.find_spec("peft", [p])
+            except (OSError, ImportError):
                 continue
-            path.append(p)
-        spec = importlib.machinery.PathFinder.find_spec("peft", path)
-        if spec is None or spec.loader is None:
+            if s is None or s.loader is None or not s.submodule_search_locations or \
+                    Path(s.origin or p).resolve().parent == _OURS:
+                continue            # not a package (e.g. bench/peft.py), or this repository's
+            spec = s
+            break
+        if spec is None:
             raise ImportError("methods lora, pissa and dora need HuggingFace PEFT: "
                               "pip install 'peft>=0.13' (or tsvd[peft])")
         mod = importlib.util.module_from_spec(spec)
