@@ -241,6 +241,37 @@ def test_dora_layer_matches_its_definition(base):
     assert torch.allclose(lay(inp).double(), want, atol=1e-5)
 
 
+def test_lorapt_layer_weights_are_residual_plus_tproduct(base, x):
+    """After training steps, each adapted layer's weight (and the merged nn.Linear's) is its
+    run of slices of R + U * fdiag(S) * Vᵀ, the t-product from its block-circulant definition
+    (numpy, float64, conftest oracles)."""
+    from conftest import np64, np_fdiag, np_tprod, np_ttranspose
+    m = copy.deepcopy(base)
+    a = adapt(m, "lorapt", rank=RANK)
+    _train(m, a, x, steps=2)
+    oracle = {}
+    for g, grp in m.tsvd_lorapt.items():
+        U, S, V, R = (np64(t) for t in (grp.U, grp.S, grp.V, grp.residual))
+        oracle[g] = R + np_tprod(np_tprod(U, np_fdiag(S)), np_ttranspose(V))
+    want = {}
+    for i in range(12):
+        att = oracle["attn"][4 * i:4 * i + 4]
+        want[f"vit.blocks.{i}.attn.qkv"] = att[:3].reshape(3 * H, H)
+        want[f"vit.blocks.{i}.attn.out_proj"] = att[3]
+        want[f"vit.blocks.{i}.mlp.linear1"] = oracle["mlp_up"][i]
+        want[f"vit.blocks.{i}.mlp.linear2"] = oracle["mlp_down"][i]
+    m.eval()
+    with torch.no_grad():
+        got = {n: np64(m.get_submodule(n).weight) for n in want}
+    merged = a.merged_copy()
+    for n, w in want.items():
+        tol = 1e-5 * np.abs(w).max()
+        assert np.abs(got[n] - w).max() <= tol, n
+        assert np.abs(np64(merged.get_submodule(n).weight) - w).max() <= tol, n
+    changed = max(np.abs(want[n] - np64(base.get_submodule(n).weight)).max() for n in want)
+    assert changed > 1e-3                                    # the steps really moved W
+
+
 # --------------------------------------------------------------------------------------
 # LoRA-PT: one fused rebuild per tensor per forward, layers view one buffer
 # --------------------------------------------------------------------------------------
