@@ -104,7 +104,6 @@ def child_one(args) -> dict:
     import torch
 
     import tsvd
-    from tsvd.models import save_checkpoint
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = args.device

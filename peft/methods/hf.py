@@ -39,7 +39,6 @@ import importlib.machinery
 import importlib.util
 import re
 import sys
-import warnings
 from pathlib import Path
 
 from torch import nn
@@ -191,11 +190,7 @@ class HFLoraMethod(Method):
             alpha_pattern={re.escape(n): alpha * rr / r for n, rr in fused.items()},
             lora_dropout=0.0, bias="none", init_lora_weights=self.init_lora_weights,
             use_dora=self.use_dora)
-        with warnings.catch_warnings():
-            # HF warns about a custom (non-transformers) model and about setting the
-            # config's attributes; neither applies here
-            warnings.simplefilter("ignore", UserWarning)
-            self.tuner = hf.LoraModel(self.model, config, _ADAPTER)
+        self.tuner = hf.LoraModel(self.model, config, _ADAPTER)
         self.adapter_names = [v for t in plan.targets() for v in self.names_of(t.name).values()]
         missing = sorted(set(self.adapter_names) - {n for n, _ in self.model.named_parameters()})
         if missing:
