@@ -46,8 +46,9 @@ def dice_hd95(pred, target, spacing=(1.0, 1.0, 1.0)) -> tuple[float, float]:
     Dice: :func:`dice`. HD95: 95th percentile of the symmetric surface distances (MONAI's
     ``HausdorffDistanceMetric(percentile=95)``). When exactly one of the masks is empty (a
     collapsed prediction) there is no surface to measure: HD95 is then the image diagonal in
-    mm, the largest distance possible, so that a collapsed run is not flattered by a missing
-    value; both empty: 0.
+    mm, ``sqrt(sum_i (n_i * spacing_i)^2)`` for an image of ``n_i`` voxels along axis i (the
+    largest distance possible), so that a collapsed run is not flattered by a missing value
+    (:func:`summarize` with ``empty=`` reports how many there were); both empty: 0.
     """
     from monai.metrics import HausdorffDistanceMetric
     p, t = _onehot(pred), _onehot(target)
