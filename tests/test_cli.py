@@ -22,6 +22,14 @@ def run(*argv):
     return cli.main([str(a) for a in argv])
 
 
+def _code(fn, *argv):
+    """Exit status of ``fn(*argv)``, whether returned or raised (argparse's SystemExit)."""
+    try:
+        return fn(*argv)
+    except SystemExit as e:
+        return e.code
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A tiny EADC dataset, a 1-epoch pre-training and a 1-epoch LoRA-PT fine-tuning."""
@@ -94,19 +102,32 @@ def test_evaluate_writes_per_case_metrics(runs):
 
 
 def test_predict_keeps_affine_shape_orientation(runs, tmp_path, capsys):
-    # an oblique, non-RAS input with a different shape than the training data
+    # an oblique, non-RAS input with a different shape than the training data, its own
+    # qform / sform codes, pixdim and units
     aff = AFFINE.copy()
     aff[:3, :3] = aff[:3, :3] @ np.array([[0.98, -0.17, 0], [0.17, 0.98, 0], [0, 0, 1]]) * 1.2
     img, _ = make_case(7, shape=(30, 44, 28))
     src = tmp_path / "in.nii.gz"
-    nib.save(nib.Nifti1Image(img, aff), str(src))
+    nimg = nib.Nifti1Image(img, aff)
+    nimg.set_qform(aff, code=1)
+    nimg.set_sform(aff, code=4)
+    nimg.header.set_xyzt_units("mm", "sec")
+    nib.save(nimg, str(src))
     dst = tmp_path / "out" / "pred.nii.gz"
     assert run("predict", "--checkpoint", runs["ft"] / "adapter_last.safetensors",
                "--input", src, "--output", dst, "--quiet") == 0
-    p = nib.load(str(dst))
+    p, s = nib.load(str(dst)), nib.load(str(src))
     assert p.shape == (30, 44, 28)
-    np.testing.assert_allclose(p.affine, nib.load(str(src)).affine, atol=1e-5)
+    np.testing.assert_array_equal(p.affine, s.affine)
+    for coded in ("get_qform", "get_sform"):
+        qa, qc = getattr(p.header, coded)(coded=True)
+        qb, qd = getattr(s.header, coded)(coded=True)
+        np.testing.assert_array_equal(qa, qb)
+        assert qc == qd
+    np.testing.assert_array_equal(p.header["pixdim"], s.header["pixdim"])
+    assert p.header.get_xyzt_units() == ("mm", "sec")
     assert nib.aff2axcodes(p.affine) == nib.aff2axcodes(aff)
+    assert p.get_data_dtype() == np.uint8
     assert set(np.unique(np.asarray(p.dataobj))) <= {0, 1}
     # folder input -> one file per image; refuses to overwrite
     assert run("predict", "--checkpoint", runs["ft"], "--input", tmp_path, "--output",
@@ -195,17 +216,23 @@ def test_bad_inputs_have_clear_messages(runs, tmp_path, capsys):
     (["--average-last", "-3"], "--average-last"), (["--max-train", "0"], "--max-train"),
     (["--samples-per-epoch", "0"], "--samples-per-epoch"), (["--threads", "0"], "--threads"),
     (["--roi", "1,2,3"], "--roi"), (["--adapter-lr", "0"], "--adapter-lr"),
+    (["--average-last", "-1"], "--average-last"), (["--batch-size", "0"], "--batch-size"),
+    (["--epochs", "0"], "--epochs"), (["--valid-fraction", "1"], "--valid-fraction"),
+    (["--keep-components", "-1"], "--keep-components"), (["--tta-flip", "3"], "--tta-flip"),
+    (["--flip-axes", "5"], "--flip-axes"), (["--seed", "-1"], "--seed"),
+    (["--lr", "abc"], "argument --lr"), (["--method", "nope"], "argument --method"),
+    (["--preset", "huge"], "argument --preset"), (["--log-level", "loud"], "argument --log-level"),
 ])
 def test_every_bad_value_is_refused_before_any_file(tmp_path, capsys, flags, named):
     """Issue 16: each value outside its declared range is a one-line error naming the flag
     and the accepted range, exit status 2, and the output folder is not created."""
     out = tmp_path / "never"
-    code = run("finetune", "--data", tmp_path, "--out", out, "--pretrained", tmp_path / "x.pt",
-               *flags)
+    code = _code(run, "finetune", "--data", tmp_path, "--out", out, "--pretrained",
+                 tmp_path / "x.pt", *flags)
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.startswith("lorapt finetune: error: " + named) and "\n" not in err, err
-    assert "expected" in err
+    assert "expected" in err or "invalid" in err
     assert not out.exists()
 
 
@@ -219,8 +246,59 @@ def test_rank_with_a_method_without_rank_is_refused(runs, tmp_path, capsys):
 
 
 def test_version_flag(capsys):
+    import torch
+
     import tsvd
     with pytest.raises(SystemExit) as e:
         cli.main(["--version"])
     assert e.value.code == 0
-    assert tsvd.__version__ in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert tsvd.__version__ in out and torch.__version__ in out
+
+
+def test_rank_larger_than_the_matrices_is_refused(runs, tmp_path, capsys):
+    out = tmp_path / "big"
+    assert run("finetune", "--data", runs["data"], "--out", out, "--method", "lorapt",
+               "--rank", 1000, "--pretrained", runs["pre"] / "model_last.safetensors",
+               *TINY) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]     # after the run's info messages
+    assert err.startswith("lorapt finetune: error: ") and "--rank" in err and "1000" in err, err
+    assert not (out / "config.yaml").exists() and not (out / "checkpoint_last.pt").exists()
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["pretrain", "--out", "O"], "--data"), (["finetune", "--data", "D"], "--out"),
+    (["evaluate", "--data", "D", "--out", "O"], "--checkpoint"),
+    (["evaluate", "--checkpoint", "C", "--out", "O"], "--data"),
+    (["evaluate", "--checkpoint", "C", "--data", "D"], "--out"),
+    (["predict", "--input", "I", "--output", "P"], "--checkpoint"),
+    (["predict", "--checkpoint", "C", "--output", "P"], "--input"),
+    (["predict", "--checkpoint", "C", "--input", "I"], "--output"),
+])
+def test_missing_required_arguments(tmp_path, capsys, argv, named):
+    argv = [str(tmp_path / a) if len(a) == 1 else a for a in argv]
+    assert run(*argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"lorapt {argv[0]}: error: {named}") and "required" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_log_level_controls_messages(runs, tmp_path, capsys):
+    args = ["evaluate", "--data", runs["data"], "--checkpoint", runs["ft"], "--quiet"]
+    assert run(*args, "--out", tmp_path / "a") == 0
+    assert "test: Dice" in capsys.readouterr().err          # info (the default)
+    assert run(*args, "--out", tmp_path / "b", "--log-level", "warning") == 0
+    assert "Dice" not in capsys.readouterr().err
+    assert run("--log-level", "error", *args, "--out", tmp_path / "c") == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_demo_flags_are_checked_before_anything_is_built(tmp_path, capsys):
+    for argv, named in [(["--finetune-epochs", "0"], "--finetune-epochs"),
+                        (["--pretrain-epochs", "-2"], "--pretrain-epochs"),
+                        (["--seed", "-1"], "--seed"), (["--threads", "0"], "--threads"),
+                        (["--dataset", "nope"], "--dataset"), (["--device", "tpu"], "--device")]:
+        code = run("demo", "--out", tmp_path / "d", "--cache", tmp_path / "c", *argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith(f"lorapt demo: error: {named}"), err
+    assert list(tmp_path.iterdir()) == []
