@@ -12,7 +12,7 @@ import pytest
 nib = pytest.importorskip("nibabel")
 pytest.importorskip("monai")
 
-from test_data import AFFINE, SHAPE, make_case, make_dataset  # noqa: E402
+from test_data import AFFINE, make_case, make_dataset  # noqa: E402
 from tsvd.peft.seg import cli  # noqa: E402
 
 TINY = ["--preset", "tiny", "--spacing", "1", "--threads", "2", "--quiet"]
