@@ -302,3 +302,28 @@ def test_demo_flags_are_checked_before_anything_is_built(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert code == 2 and err.startswith(f"lorapt demo: error: {named}"), err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_adapter_library_option_errors_become_flag_errors(tmp_path, monkeypatch, capsys):
+    """A ValueError/TypeError raised by tsvd.peft's option checks is a one-line error naming
+    the flag (exit 2); the same exception types raised elsewhere are bugs and propagate."""
+    from tsvd.peft import get_method
+    from tsvd.peft.seg import train as T
+
+    def adapter_check(cfg, out, **kw):
+        get_method(cfg.adapter.method).check_options({"rank": cfg.adapter.rank})
+
+    monkeypatch.setattr(T, "train", adapter_check)
+    out = tmp_path / "o"
+    assert run("finetune", "--data", tmp_path, "--out", out, "--method", "full",
+               "--rank", 4) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lorapt finetune: error: --rank") and "\n" not in err, err
+
+    def bug(cfg, out, **kw):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(T, "train", bug)
+    with pytest.raises(ValueError, match="internal bug"):
+        run("finetune", "--data", tmp_path, "--out", out, "--method", "full")
+    assert not out.exists()

@@ -174,10 +174,12 @@ def _need_data(cfg) -> None:
                        "--config)")
 
 
-def _adapter_error(e: BaseException) -> str | None:
+def _adapter_error(e: BaseException, args) -> str | None:
     """The message of a ValueError/TypeError raised by the adapter library's option checks
-    (:mod:`tsvd.peft`, not the application), with the flag of the option it names; None for
-    any other error (a bug: its traceback is shown)."""
+    (:mod:`tsvd.peft`, not the application), led by the flag of the option it names (and the
+    method); None for any other error (a bug: its traceback is shown)."""
+    import re
+
     import tsvd.peft
     from .config import AdapterConfig, fields_of
     if not isinstance(e, (ValueError, TypeError)):
@@ -190,12 +192,14 @@ def _adapter_error(e: BaseException) -> str | None:
     if pkg not in last.parents or (pkg / "seg") in last.parents:
         return None
     msg = " ".join(str(e).split())
+    hits = []
     for f, _ in fields_of(AdapterConfig):
-        flag = "--" + (f.metadata.get("flag") or f.name.replace("_", "-"))
-        if msg.startswith((f.name, f"options: {f.name}", f"{f.name}:")) or \
-                f" {f.name} " in f" {msg[:40]} ":
-            return f"{flag}: {msg}"
-    return msg
+        m = re.search(rf"(^|[\s'\"\[(]){re.escape(f.name)}(['\"\]):\s=,]|$)", msg)
+        if m and f.name != "method":
+            hits.append((m.start(), "--" + (f.metadata.get("flag") or f.name.replace("_", "-"))))
+    method = getattr(args, "cfg__adapter__method", None)
+    where = f" with --method {method}" if method else ""
+    return f"{min(hits)[1]}{where}: {msg}" if hits else msg
 
 
 def main(argv=None) -> int:
@@ -217,7 +221,7 @@ def main(argv=None) -> int:
         print(f"lorapt {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except (ValueError, TypeError) as e:
-        msg = _adapter_error(e)
+        msg = _adapter_error(e, args)
         if msg is None:
             raise
         print(f"lorapt {args.command}: error: {msg}", file=sys.stderr)
