@@ -62,7 +62,9 @@ def extensions():
     cu = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     force = os.environ.get("FORCE_CUDA") == "1"
     use_cuda = bool(cu) and (force or (torch.cuda.is_available() and CUDA_HOME is not None))
-    cxx = ["-O3", "-std=c++20" if torch.__version__ >= "2.14" else "-std=c++17", "-fopenmp"]
+    # no -std here: BuildExtension adds the standard this torch's headers need (C++20 since
+    # torch 2.13; an explicit -std=c++17 overrode it and drew warnings from c10 headers)
+    cxx = ["-O3", "-fopenmp"]
     # portable by default (a wheel built here must not die with an illegal instruction on
     # another CPU); TSVD_NATIVE=1 tunes for the building machine's CPU
     define = [("TSVD_WITH_CUDA", "1")] if use_cuda else []
@@ -70,8 +72,7 @@ def extensions():
         cxx.append("-march=native")
         define.append(("TSVD_NATIVE", "1"))
     if use_cuda:
-        nvcc = ["-O3", "--use_fast_math", "-lineinfo",
-                "-std=c++20" if torch.__version__ >= "2.14" else "-std=c++17"]
+        nvcc = ["-O3", "--use_fast_math", "-lineinfo"]
         ext = CUDAExtension("tsvd._C", cpp + cu, define_macros=define,
                             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
                             extra_link_args=["-fopenmp"], py_limited_api=True)

@@ -17,7 +17,11 @@
 
 #define TSVD_CPU_ISA_NS avx512
 #define TSVD_CPU_VBYTES 64
+// hidden: the loops and the kernel templates they instantiate are called directly, not
+// through the PLT (and are not exported from tsvd._C)
+#pragma GCC visibility push(hidden)
 #include "tile_loops.h"
+#pragma GCC visibility pop
 
 namespace tsvd {
 namespace cpu {

@@ -3,9 +3,17 @@
 // See isa.h for the rules of the per-ISA units.
 #include "isa.h"
 
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
 #define TSVD_CPU_ISA_NS baseline
 #define TSVD_CPU_VBYTES 16
+// hidden: the loops and the kernel templates they instantiate are called directly, not
+// through the PLT (and are not exported from tsvd._C)
+#pragma GCC visibility push(hidden)
 #include "tile_loops.h"
+#pragma GCC visibility pop
 
 namespace tsvd {
 namespace cpu {
