@@ -54,6 +54,7 @@ def extensions():
     if os.environ.get("TSVD_NO_EXT") == "1":
         return [], {}
     import torch
+    from torch.torch_version import TorchVersion
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
 
     cpp = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
@@ -68,6 +69,10 @@ def extensions():
     # portable by default (a wheel built here must not die with an illegal instruction on
     # another CPU); TSVD_NATIVE=1 tunes for the building machine's CPU
     define = [("TSVD_WITH_CUDA", "1")] if use_cuda else []
+    # stable Python API: BuildExtension defines Py_LIMITED_API for py_limited_api=True
+    # extensions since torch 2.6; older torch gets it here (CPython 3.10 = python_requires)
+    if TorchVersion(torch.__version__) < "2.6":
+        define.append(("Py_LIMITED_API", "0x030A0000"))
     if os.environ.get("TSVD_NATIVE") == "1":
         cxx.append("-march=native")
         define.append(("TSVD_NATIVE", "1"))
