@@ -51,6 +51,7 @@ SHAPES = [
     (1, 5, 3, 4, 5),       # odd rank (padded internally)
     (1, 12, 6, 200, 9),    # several column chunks
     (1, 65, 4, 70, 3),     # long tube: pocketfft path of tube_rfft/irfft
+    (1, 48, 5, 700, 3),    # several column chunks (kChunkBytes) on every ISA and dtype
 ]
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 
