@@ -145,6 +145,9 @@ class TrainConfig:
     device: str = opt("auto", "auto, cpu, cuda or cuda:N", commands=_ALL, resume="may-change")
     threads: int | None = opt(None, "torch CPU threads", lo=1, hi=1024, commands=_ALL,
                               resume="may-change")
+    workers: int = opt(0, "DataLoader worker processes making the random training crops (0: "
+                       "in the training process; the crops are the same either way)", lo=0,
+                       hi=64, resume="may-change")
 
 
 @dataclass

@@ -23,14 +23,14 @@ is a :class:`DataError` naming the file.
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 
 __all__ = ["DataError", "detect_layout", "load_cases", "check_cases", "LAYOUTS",
-           "train_transforms", "eval_transforms", "world_box_to_voxels"]
+           "train_transforms", "eval_transforms", "world_box_to_voxels", "data_error_in",
+           "cache_cases", "TrainCrops"]
 
 LAYOUTS = ("eadc", "msd", "brats", "nifti")
 NII = (".nii.gz", ".nii")
@@ -312,7 +312,7 @@ def _transform_classes():
             self.size = [int(s) for s in size]
 
         def __call__(self, d):
-            from monai.transforms import SpatialCrop, SpatialPad
+            from monai.transforms import SpatialCrop
             aff = d["image"].affine
             start = world_box_to_voxels(aff, self.centre_mm, self.size)
             shape = d["image"].shape[1:]
@@ -401,3 +401,85 @@ def train_transforms(cfg, allowed):
 def eval_transforms(cfg, allowed, with_label=True):
     """Deterministic transforms for validation/evaluation/prediction (see train_transforms)."""
     return _deterministic(cfg, allowed, require_foreground=False, with_label=with_label)
+
+
+# ------------------------------------------------------------------------------------------
+# datasets
+# ------------------------------------------------------------------------------------------
+def data_error_in(exc: BaseException):
+    """The :class:`DataError` in ``exc``'s chain of causes (MONAI wraps a transform's error
+    in ``RuntimeError("applying transform ...")``), or None."""
+    while exc is not None:
+        if isinstance(exc, DataError):
+            return exc
+        exc = exc.__cause__
+    return None
+
+
+def cache_cases(cases, transforms, *, workers: int = 1, copy: bool = True):
+    """MONAI :class:`~monai.data.CacheDataset` holding every case after the deterministic
+    ``transforms`` (loaded and preprocessed once, ``workers`` threads); a case that cannot be
+    loaded is a :class:`DataError` naming its file. ``copy``: each access returns a copy."""
+    from monai.data import CacheDataset
+    from monai.transforms import Compose, Transform
+
+    from .runtime import apply_transforms
+
+    class Checked(Transform):     # a (deterministic) Transform: CacheDataset caches its output
+        def __init__(self, comp):
+            self.comp = comp
+
+        def __call__(self, case):
+            return apply_transforms(self.comp, case)
+    try:
+        return CacheDataset([dict(c) for c in cases], Compose([Checked(Compose(transforms))]),
+                            cache_rate=1.0, num_workers=max(1, int(workers)), progress=False,
+                            copy_cache=copy)
+    except Exception as e:
+        err = data_error_in(e)
+        if err is None:
+            raise
+        raise DataError(str(err)) from None
+
+
+class TrainCrops:
+    """The random training samples of one epoch, a map-style dataset for
+    :class:`torch.utils.data.DataLoader`.
+
+    Sample ``k`` of epoch ``e`` is case ``perm_e[k]`` (``perm_e``: the cases repeated to
+    ``length`` and permuted by a generator seeded with ``(seed, e)``) passed through the
+    random ``transforms`` seeded by ``(seed, e, k)``; so the samples depend neither on the
+    number of DataLoader workers nor on the number of processes, and a resumed run draws
+    the same ones. Returns ``(image, label)`` float tensors of shape ``(C, *patch)`` and
+    ``(1, *patch)``.
+
+    ``cached``: the cases after the deterministic transforms (:func:`cache_cases`).
+    Call :meth:`set_epoch` before iterating a DataLoader over it."""
+
+    def __init__(self, cached, transforms, seed: int, length: int):
+        from monai.transforms import Compose
+        if length < 1:
+            raise ValueError(f"length: expected >= 1, got {length}")
+        self.cached = cached
+        self.transforms = Compose(transforms)
+        self.seed = int(seed)
+        self.length = int(length)
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.perm = np.random.default_rng([self.seed, self.epoch]).permutation(
+            np.resize(np.arange(len(self.cached)), self.length))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, k: int):
+        from .runtime import plain
+        s = (self.seed * 1_000_003 + self.epoch * 10_007 + int(k)) % (2 ** 31)
+        self.transforms.set_random_state(seed=s)
+        item = self.cached[int(self.perm[k])]
+        out = self.transforms({"image": item["image"], "label": item["label"]})
+        if isinstance(out, list):
+            out = out[0]
+        return plain(out["image"]).float(), plain(out["label"]).float()

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .config import RunConfig
-from .data import DataError
+from .data import DataError, data_error_in
 
 __all__ = ["RunError", "select_device", "patch_size", "build_model", "load_base", "plain",
            "apply_transforms", "check_out_dir", "write_bytes", "write_json"]
@@ -89,11 +89,9 @@ def apply_transforms(comp, case: dict):
     try:
         return comp(dict(case))
     except Exception as e:  # MONAI wraps errors in RuntimeError("applying transform ...")
-        err = e
-        while err is not None:
-            if isinstance(err, DataError):
-                raise DataError(str(err)) from None
-            err = err.__cause__
+        err = data_error_in(e)
+        if err is not None:
+            raise DataError(str(err)) from None
         raise DataError(f"{case['image']}: could not be loaded and preprocessed "
                         f"({type(e).__name__}: {e})") from e
 

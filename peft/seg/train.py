@@ -25,7 +25,6 @@ import io
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -35,14 +34,16 @@ import torch
 
 from .config import RunConfig
 from .config import save_yaml as _save_yaml
-from .data import DataError, check_cases, eval_transforms, load_cases, train_transforms
+from .data import (DataError, TrainCrops, cache_cases, check_cases, eval_transforms, load_cases,
+                   train_transforms)
+from .dist import Distributed
 from .infer import infer_options, predict_mask
 from .metrics import dice
 from tsvd.models import file_sha256, remove_stale_temporaries, save_checkpoint
 from tsvd.peft import adapt
 
-from .runtime import (RunError, apply_transforms, build_model, check_out_dir, load_base,
-                      patch_size, plain, select_device, write_bytes)
+from .runtime import (RunError, build_model, check_out_dir, load_base, patch_size, plain,
+                      select_device, write_bytes)
 
 __all__ = ["DEFAULTS", "merge_config", "train", "RunError", "save_yaml"]
 
@@ -66,60 +67,6 @@ def save_yaml(cfg: dict, path: Path) -> None:
 # ------------------------------------------------------------------------------------------
 # distributed
 # ------------------------------------------------------------------------------------------
-class _Dist:
-    def __init__(self, device):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.enabled = self.world > 1
-        self.owned = False
-        if self.enabled and not torch.distributed.is_initialized():
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            torch.distributed.init_process_group(backend)
-            self.owned = True
-
-    def close(self):
-        if self.owned and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-    @property
-    def main(self):
-        return self.rank == 0
-
-    def barrier(self):
-        if self.enabled:
-            torch.distributed.barrier()
-
-    def average_grads(self, params):
-        if not self.enabled:
-            return
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat)
-        flat /= self.world
-        o = 0
-        for g in grads:
-            n = g.numel()
-            g.copy_(flat[o:o + n].view_as(g))
-            o += n
-
-    def mean(self, value: float) -> float:
-        if not self.enabled:
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
-        torch.distributed.all_reduce(t)
-        return float(t) / self.world
-
-    def broadcast_params(self, module):
-        if not self.enabled:
-            return
-        with torch.no_grad():
-            for t in list(module.parameters()) + list(module.buffers()):
-                torch.distributed.broadcast(t.data, 0)
-
-
 def _seed_all(seed: int) -> None:
     """Seed python, numpy and torch (MONAI's ``set_determinism``)."""
     from monai.utils import set_determinism
@@ -133,31 +80,6 @@ def _data_cfg(cfg) -> dict:
     d = dict(cfg["data"])
     d["patch"] = patch_size(RunConfig.from_dict(cfg))
     return d
-
-
-def _prepare(cases, transforms, desc, log):
-    from monai.transforms import Compose
-    comp = Compose(transforms)
-    return [apply_transforms(comp, c) for c in cases]
-
-
-class _Sampler:
-    """Random training samples: the cached deterministic item + per-sample seeded transforms."""
-
-    def __init__(self, items, rnd, seed):
-        from monai.transforms import Compose
-        self.items = items
-        self.rnd = Compose(rnd)
-        self.seed = seed
-
-    def sample(self, epoch: int, k: int, index: int):
-        s = (self.seed * 1_000_003 + epoch * 10_007 + k) % (2 ** 31)
-        self.rnd.set_random_state(seed=s)
-        d = {"image": self.items[index]["image"].clone(), "label": self.items[index]["label"].clone()}
-        out = self.rnd(d)
-        if isinstance(out, list):
-            out = out[0]
-        return plain(out["image"]).float(), plain(out["label"]).float()
 
 
 # ------------------------------------------------------------------------------------------
@@ -250,7 +172,7 @@ def train(cfg: dict, out, *, task: str = "finetune", overwrite: bool = False,
         raise RunError("--data (data.path): a dataset folder is required")
     infer_opts = infer_options(cfg)
     device = select_device(tcfg.get("device"))
-    dist = _Dist(device)
+    dist = Distributed(device)
     if tcfg["batch_size"] % dist.world:
         raise RunError(f"--batch-size (train.batch_size): {tcfg['batch_size']} is not divisible "
                        f"by the number of processes {dist.world}")
@@ -342,7 +264,7 @@ def train(cfg: dict, out, *, task: str = "finetune", overwrite: bool = False,
             p.requires_grad_(True)
         params = [p for p in model.parameters()]
     model.to(device)
-    dist.broadcast_params(model)
+    net = dist.wrap(model, device)       # DDP over the processes (rank 0's weights), or model
     n_train = _count(params)
     n_total = _count(model.parameters())
     n_adapter = None
@@ -357,17 +279,25 @@ def train(cfg: dict, out, *, task: str = "finetune", overwrite: bool = False,
             f"cases ({layout}), device {device}, processes {dist.world}")
     det, rnd = train_transforms(dcfg, allowed)
     t0 = time.time()
-    tr_items = _prepare(tr, det, "train", log)
-    va_items = _prepare(va, eval_transforms(dcfg, allowed), "valid", log)
+    threads = max(1, torch.get_num_threads())
+    tr_cache = cache_cases(tr, det, workers=threads)
+    va_cache = cache_cases(va, eval_transforms(dcfg, allowed), workers=threads, copy=False)
+    va_items = [va_cache[i] for i in range(len(va_cache))]
     if dist.main:
-        log(f"data: {len(tr_items) + len(va_items)} cases loaded and preprocessed in "
+        log(f"data: {len(tr_cache) + len(va_items)} cases loaded and preprocessed in "
             f"{time.time() - t0:.1f} s")
-    sampler = _Sampler(tr_items, rnd, tcfg["seed"])
     patch = dcfg["patch"]
     # ---- optimisation
     bs = tcfg["batch_size"]
-    spe = int(tcfg.get("samples_per_epoch") or len(tr_items))
+    spe = int(tcfg.get("samples_per_epoch") or len(tr_cache))
     iters = max(1, math.ceil(spe / bs))
+    # the global sample list of an epoch; each process loads its share, in batches of bs/world
+    crops = TrainCrops(tr_cache, rnd, tcfg["seed"], iters * bs)
+    workers = int(tcfg.get("workers") or 0)
+    loader = torch.utils.data.DataLoader(
+        crops, batch_size=bs // dist.world, sampler=dist.sampler(crops), shuffle=False,
+        num_workers=workers, pin_memory=device.type == "cuda", drop_last=False,
+        generator=torch.Generator().manual_seed(tcfg["seed"]))   # not the global RNG (dropout)
     total = iters * tcfg["epochs"]
     if adapter is not None:          # adapter tensors and the rest at their own rates
         groups = adapter.param_groups(float(tcfg["lr"]), cfg["adapter"].get("adapter_lr"))
@@ -472,26 +402,20 @@ def train(cfg: dict, out, *, task: str = "finetune", overwrite: bool = False,
     nvalid = len(va_items)
     for epoch in range(start_epoch, tcfg["epochs"]):
         _seed_all(tcfg["seed"] * 7919 + epoch)
-        perm = np.random.default_rng([tcfg["seed"], epoch]).permutation(
-            np.resize(np.arange(len(tr_items)), iters * bs))
+        crops.set_epoch(epoch)
         te = time.time()
         losses = []
-        bar = tqdm(range(iters), desc=f"epoch {epoch + 1}/{tcfg['epochs']}", unit="it",
+        bar = tqdm(loader, total=iters, desc=f"epoch {epoch + 1}/{tcfg['epochs']}", unit="it",
                    disable=not (progress and dist.main), leave=True, dynamic_ncols=True,
                    file=sys.stderr)
-        for it in bar:
-            glob_idx = list(range(it * bs, (it + 1) * bs))
-            per = bs // dist.world
-            mine = glob_idx[dist.rank * per:(dist.rank + 1) * per]
-            xs, ys = zip(*[sampler.sample(epoch, k, int(perm[k])) for k in mine])
-            x = torch.stack(xs).to(device)
-            y = torch.stack(ys).to(device)
+        for it, (x, y) in enumerate(bar):
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
             with torch.autocast(device.type, enabled=amp):
-                logits = model(x)
+                logits = net(x)
             loss = loss_fn(logits.float(), y)
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            dist.average_grads(params)
+            scaler.scale(loss).backward()           # DDP averages the gradients here
             scaler.step(opt)
             scaler.update()
             sched.step()
