@@ -320,6 +320,25 @@ def test_build_embedded_dataset(embedded_cache):
     assert not [p for p in (embedded_cache / "embedded").iterdir() if p.name.startswith(".tmp")]
 
 
+def test_template_prior_is_the_undeformed_atlas_label(embedded_cache):
+    """On the template's own grid the prior is the protocol's bit of the packed atlas; on a
+    subject synthesized with no deformation at all it is the subject's label; on a deformed
+    subject it overlaps but is not it."""
+    tpl, packed, aff = E.atlas_on_template(embedded_cache)
+    bit = ((packed >> E.BITS["aal"]) & 1) > 0
+    np.testing.assert_array_equal(E.template_prior("aal", aff, tpl.shape, embedded_cache), bit)
+    still = E.synthesize_subject(tpl, packed, aff, seed=1, spacing=2.0, deform_mm=0.0,
+                                 rot_deg=0.0, scale=0.0, shift_mm=0.0)
+    moved = E.synthesize_subject(tpl, packed, aff, seed=1, spacing=2.0)
+    for (_, lab, a), lo, hi in ((still, 0.97, 1.0), (moved, 0.2, 0.9)):
+        m = ((lab >> E.BITS["aal"]) & 1) > 0
+        prior = E.template_prior("aal", a, m.shape, embedded_cache)
+        d = 2 * (prior & m).sum() / (prior.sum() + m.sum())
+        assert lo <= d <= hi, d
+    with pytest.raises(ValueError, match="protocol"):
+        E.template_prior("source", aff, tpl.shape, embedded_cache)
+
+
 def test_synthesize_subject_is_seeded():
     tpl = np.zeros((40, 40, 40), np.float32)
     tpl[8:32, 8:32, 8:32] = 100
@@ -336,3 +355,29 @@ def test_synthesize_subject_is_seeded():
     np.testing.assert_allclose(a[2][:3, :3], aff[:3, :3] * 2)
     vol = a[1].sum() * 8
     assert 0.7 * 1000 < vol < 1.3 * 1000                  # the 10^3 mm^3 cube, deformed
+
+
+def test_demo_table_shows_the_template_prior_row(embedded_cache):
+    """The demo's table puts the no-learning baseline under the trained model; its numbers are
+    the Dice of the prior against each case's label (here: cases made with no deformation,
+    where the prior is the label, Dice 1)."""
+    import nibabel as nib
+
+    from tsvd.peft.seg.demo import table, template_prior_scores
+    tpl, packed, aff = E.atlas_on_template(embedded_cache)
+    cases = []
+    for i in range(2):
+        _, lab, a = E.synthesize_subject(tpl, packed, aff, seed=i, spacing=3.0, deform_mm=0.0,
+                                         rot_deg=0.0, scale=0.0, shift_mm=0.0)
+        path = embedded_cache / f"still{i}_mask.nii.gz"
+        nib.save(nib.Nifti1Image(((lab >> E.BITS["aal"]) & 1).astype(np.uint8), a), str(path))
+        cases.append({"label": str(path)})
+    tp = template_prior_scores(cases, "aal", embedded_cache)
+    assert tp["n"] == 2 and tp["dice"]["mean"] > 0.97 and tp["hd95_mm"]["n_empty"] == 0
+    res = {"method": "lorapt", "trainable_parameters": 10, "model_parameters": 100,
+           "adapter_parameters": 5, "dice": {"mean": 0.7, "std": 0.1, "n": 2},
+           "hd95_mm": {"mean": 3.0, "std": 1.0, "n_empty": 0}, "wall_time_s": 60.0,
+           "dataset": "aal", "template_prior": tp}
+    lines = table(res).splitlines()
+    assert lines[-2].startswith("LoRA-PT") and lines[-1].startswith("template prior")
+    assert f"{tp['dice']['mean']:.3f} ± {tp['dice']['std']:.3f}" in lines[-1]

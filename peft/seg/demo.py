@@ -20,7 +20,8 @@ from pathlib import Path
 
 from .config import ConfigError, RunConfig
 
-__all__ = ["DEMO", "resolve_roi", "stage_config", "cached_pretrain", "demo", "METHOD_NAMES"]
+__all__ = ["DEMO", "resolve_roi", "stage_config", "cached_pretrain", "demo", "METHOD_NAMES",
+           "template_prior_scores", "table"]
 
 log = logging.getLogger("tsvd.peft.seg")
 
@@ -91,13 +92,14 @@ def cached_pretrain(S: dict, src, cache, *, seed: int = 0, device=None,
                     progress: bool = True) -> Path:
     """Pre-train a UNETR on the source task (settings ``S``, :data:`DEMO`'s layout) unless
     ``cache`` holds a complete run with the same settings; returns its weights file. The cache
-    key is a hash of the stage's config (its inference settings and the device left out: they
-    do not change the weights); an interrupted pre-training resumes."""
+    key is a hash of the stage's config (its inference settings, the device and the loader
+    workers left out: they do not change the weights); an interrupted pre-training resumes."""
     from . import train as T
     pcfg = stage_config(S, src, "pretrain", seed=seed, device=device)
     key = pcfg.to_dict()
     key.pop("infer")
     key["train"].pop("device")
+    key["train"].pop("workers")        # the crops, hence the weights, do not depend on it
     tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     pdir = Path(cache) / "pretrained" / f"unetr-{S['preset']}-source-{tag}"
     info = pdir / "run.json"
@@ -197,6 +199,7 @@ def demo(out=None, cache=None, dataset=None, method=None, pretrain_epochs=None,
                              out / "predictions" / f"{c['name']}_pred.nii.gz", overwrite=True,
                              progress=False)
     _overlays(shown, written, out / "overlays")
+    prior = template_prior_scores(splits["test"], S["dataset"], cache)
     times["evaluate"] = time.time() - t
     total = time.time() - t0
     d, h = ev["dice"], ev["hd95_mm"]
@@ -206,13 +209,35 @@ def demo(out=None, cache=None, dataset=None, method=None, pretrain_epochs=None,
            "wall_time_s": round(total, 1),
            "stage_times_s": {k: round(v, 1) for k, v in times.items()},
            "dataset": S["dataset"], "test_cases": d["n"], "pretrained": str(base),
-           "out": str(out), "settings": S}
+           "out": str(out), "settings": S, "template_prior": prior}
     write_json(out / "demo.json", res)
     print(table(res))
     print("stages: " + ", ".join(f"{k} {_fmt_time(v)}" for k, v in times.items()))
     print(f"outputs in {out}: finetune/ (adapter + curves), evaluate/metrics.csv, "
           f"predictions/, overlays/")
     return res
+
+
+def template_prior_scores(cases, protocol: str, cache) -> dict:
+    """Dice and HD95 (:func:`~tsvd.peft.seg.metrics.summarize` of each) of the template prior
+    (:func:`tsvd.peft.seg.embedded.template_prior`: the atlas label of the undeformed
+    template, no image looked at) against the labels of ``cases``, on their own grids."""
+    import nibabel as nib
+    import numpy as np
+    import torch
+
+    from .embedded import template_prior
+    from .metrics import dice_hd95, summarize, voxel_spacing
+    ds, hs, empty = [], [], []
+    for c in cases:
+        lab = nib.load(c["label"])
+        ref = np.asarray(lab.dataobj) > 0
+        pred = template_prior(protocol, lab.affine, ref.shape, cache)
+        d, h = dice_hd95(torch.from_numpy(pred), torch.from_numpy(ref), voxel_spacing(lab.affine))
+        ds.append(d)
+        hs.append(h)
+        empty.append(not pred.any())
+    return {"dice": summarize(ds), "hd95_mm": summarize(hs, empty), "n": len(ds)}
 
 
 def table(res: dict) -> str:
@@ -228,6 +253,11 @@ def table(res: dict) -> str:
              + (f", adapter {ad:,})" if ad is not None else ")"),
              f"{d['mean']:.3f} ± {d['std']:.3f}", f"{h['mean']:.2f} ± {h['std']:.2f}",
              str(h.get("n_empty", 0)), _fmt_time(res["wall_time_s"]))]
+    tp = res.get("template_prior")
+    if tp:                       # the no-learning baseline the trained model has to beat
+        rows.append(("template prior (no training)", "0", f"{tp['dice']['mean']:.3f} ± "
+                     f"{tp['dice']['std']:.3f}", f"{tp['hd95_mm']['mean']:.2f} ± "
+                     f"{tp['hd95_mm']['std']:.2f}", str(tp["hd95_mm"].get("n_empty", 0)), "-"))
     w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [" | ".join(c.ljust(wi) for c, wi in zip(r, w)) for r in rows]
     lines.insert(1, "-+-".join("-" * wi for wi in w))

