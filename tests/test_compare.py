@@ -16,19 +16,26 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_compare():
-    spec = importlib.util.spec_from_file_location("bench_compare", ROOT / "bench" / "compare.py")
+def _load_comparison():
+    """The package bench/comparison/ as ``comparison`` (bench/ itself is not put on sys.path:
+    its peft.py would shadow HuggingFace's peft)."""
+    if "comparison" in sys.modules:
+        return sys.modules["comparison"]
+    pkg = ROOT / "bench" / "comparison"
+    spec = importlib.util.spec_from_file_location("comparison", pkg / "__init__.py",
+                                                  submodule_search_locations=[str(pkg)])
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_compare"] = mod
+    sys.modules["comparison"] = mod
     spec.loader.exec_module(mod)
     return mod
 
 
-C = _load_compare()
+_load_comparison()
+from comparison import cli as CLI, common as CM, plan as PL, report as R, run as RUN  # noqa: E402,I001
 
 VARIANTS = "decoder,full,lora:8,pissa:8,lorapt:4,lorapt:8"
 GRID = {"decoder": [1e-3, 3e-3], "full": [1e-4, 3e-4, 1e-3], "lora": [1e-3, 3e-3],
-        "pissa": [1e-3, 3e-3], "lorapt": [1e-3, 3e-3]}
+        "pissa": [1e-3, 3e-3], "dora": [1e-3, 3e-3], "lorapt": [1e-3, 3e-3]}
 
 
 def fake_dataset(root: Path, n_train=8, n_valid=2, n_test=3) -> Path:
@@ -88,7 +95,7 @@ class FakeTrainer:
 
 
 def _settings(**kw):
-    S = dict(C.FULL, protocols=["neuromorphometrics", "harvard-oxford"], seeds=3, epochs=2,
+    S = dict(PL.FULL, protocols=["neuromorphometrics", "harvard-oxford"], seeds=3, epochs=2,
              samples_per_epoch=4, batch_size=2, n_train=8, n_valid=2, n_test=3,
              regimes={"full-data": 1.0, "low-data": 0.25})
     S.update(kw)
@@ -105,7 +112,7 @@ def setup(tmp_path):
 
 def _comparison(setup, fake, S=None, variants=VARIANTS, grid=GRID, plots=False):
     ds, pre, out = setup
-    return C.Comparison(out, S or _settings(), C.parse_variants(variants), grid, datasets=ds,
+    return RUN.Comparison(out, S or _settings(), PL.parse_variants(variants), grid, datasets=ds,
                         pretrained=pre, device="cpu", train_fn=fake.train,
                         evaluate_fn=fake.evaluate, log=lambda *a: None, plots=plots)
 
@@ -138,7 +145,8 @@ def test_every_variant_gets_same_data_seed_budget_and_base(setup, sweep):
         ref = _strip(cs[0], "adapter.method", "adapter.rank", "train.lr")
         for c in cs[1:]:
             assert _strip(c, "adapter.method", "adapter.rank", "train.lr") == ref
-        assert {c["adapter"]["method"] for c in cs} == set(C.METHODS)
+        assert {c["adapter"]["method"] for c in cs} == {"decoder", "full", "lora", "pissa",
+                                                         "lorapt"}
     # across seeds only train.seed differs; across regimes only data.max_train; across
     # protocols only data.path
     base = _strip(cfgs[0], "adapter.method", "adapter.rank", "train.lr", "train.seed", "data.max_train",
@@ -151,7 +159,7 @@ def test_every_variant_gets_same_data_seed_budget_and_base(setup, sweep):
     assert {c["train"]["seed"] for c in cfgs} == {0, 1, 2}
     # the sweep is on seed 0 only; final runs use the chosen rate; the sweep run at the
     # chosen rate is not retrained
-    variants = C.parse_variants(VARIANTS)
+    variants = PL.parse_variants(VARIANTS)
     n_sweep = sum(len(GRID[v["method"]]) for v in variants)
     if sweep == "method":
         assert len(cfgs) == n_sweep + len(variants) * (2 * 2 * 3 - 1)
@@ -188,7 +196,7 @@ def test_aggregate_mean_and_sample_std_by_hand():
                      "trainable_parameters": 10, "adapter_parameters": 4,
                      "model_parameters": 100, "artefact_bytes": 2 ** 20,
                      "time_per_step_s": 1.0 + seed, "peak_mem_mb": 1024.0})
-    s = C.aggregate(runs, C.parse_variants("lorapt:8"))
+    s = R.aggregate(runs, PL.parse_variants("lorapt:8"))
     assert len(s) == 1
     s = s[0]
     assert s["dice"]["mean"] == pytest.approx(0.8)
@@ -197,11 +205,11 @@ def test_aggregate_mean_and_sample_std_by_hand():
     assert s["hd95_mm"]["std"] == pytest.approx(math.sqrt(2.0))  # sqrt((1+1)/1)
     assert s["hd95_mm"]["n_nan"] == 1
     assert s["time_per_step_s"] == pytest.approx(2.0)
-    md = C.markdown([s], _settings(), 4)
+    md = R.markdown([s], _settings(), 4)
     assert "0.800 ± 0.100" in md and "3.00 ± 1.41" in md and "1.00 MB" in md
-    one = C.seed_stats([0.75])
+    one = CM.seed_stats([0.75])
     assert one["mean"] == 0.75 and math.isnan(one["std"])
-    assert "0.750 (n=1)" in C.fmt_pm(one)
+    assert "0.750 (n=1)" in CM.fmt_pm(one)
 
 
 def test_results_files_and_table(setup):
@@ -240,7 +248,7 @@ def test_resume_skips_finished_runs_and_refuses_other_settings(setup):
     done = {json.dumps(c, sort_keys=True) for c in first.train_cfgs}
     again = {json.dumps(c, sort_keys=True) for c in second.train_cfgs}
     assert not (done & again)                      # nothing trained twice
-    variants = C.parse_variants(VARIANTS)
+    variants = PL.parse_variants(VARIANTS)
     total = sum(len(GRID[v["method"]]) for v in variants) + len(variants) * (2 * 2 - 1)
     assert len(first.train_cfgs) + len(second.train_cfgs) == total
     summary = (setup[2] / "summary.json").read_text()
@@ -250,29 +258,29 @@ def test_resume_skips_finished_runs_and_refuses_other_settings(setup):
     assert third.eval_calls == []
     assert (setup[2] / "summary.json").read_text() == summary
     # other settings in the same folder: refused
-    with pytest.raises(C.CompareError, match="other settings"):
+    with pytest.raises(CM.CompareError, match="other settings"):
         _comparison(setup, FakeTrainer(), S=dict(S, epochs=3)).run()
 
 
 def test_argument_errors():
-    with pytest.raises(C.CompareError, match="unknown method"):
-        C.parse_variants("lorapt:8,dora:4")
-    with pytest.raises(C.CompareError, match="rank"):
-        C.parse_variants("lorapt:0")
-    with pytest.raises(C.CompareError, match="no rank"):
-        C.parse_variants("full:4")
-    with pytest.raises(C.CompareError, match="twice"):
-        C.parse_variants("lora:8,lora:8")
-    with pytest.raises(C.CompareError, match="--lrs"):
-        C.parse_lrs(["lora=-1"], GRID)
-    assert C.parse_lrs(["lora=3e-3,1e-3"], GRID)["lora"] == [1e-3, 3e-3]
-    assert [C.n_used(12, 0.25), C.n_used(8, 0.25), C.n_used(3, 0.1)] == [3, 2, 1]
-    p = C.build_parser()
-    with pytest.raises(C.CompareError, match="low-data-fraction"):
-        C.settings_from_args(p.parse_args(["--low-data-fraction", "1.5"]))
-    with pytest.raises(C.CompareError, match="--seeds"):
-        C.settings_from_args(p.parse_args(["--seeds", "0"]))
-    q = C.settings_from_args(p.parse_args(["--quick"]))
+    with pytest.raises(CM.CompareError, match="unknown method"):
+        PL.parse_variants("lorapt:8,adalora:4")
+    with pytest.raises(CM.CompareError, match="rank"):
+        PL.parse_variants("lorapt:0")
+    with pytest.raises(CM.CompareError, match="no rank"):
+        PL.parse_variants("full:4")
+    with pytest.raises(CM.CompareError, match="twice"):
+        PL.parse_variants("lora:8,lora:8")
+    with pytest.raises(CM.CompareError, match="--lrs"):
+        PL.parse_lrs(["lora=-1"], GRID)
+    assert PL.parse_lrs(["lora=3e-3,1e-3"], GRID)["lora"] == [1e-3, 3e-3]
+    assert [CM.n_used(12, 0.25), CM.n_used(8, 0.25), CM.n_used(3, 0.1)] == [3, 2, 1]
+    p = CLI.build_parser()
+    with pytest.raises(CM.CompareError, match="low-data-fraction"):
+        CLI.settings_from_args(p.parse_args(["--low-data-fraction", "1.5"]))
+    with pytest.raises(CM.CompareError, match="--seeds"):
+        CLI.settings_from_args(p.parse_args(["--seeds", "0"]))
+    q = CLI.settings_from_args(p.parse_args(["--quick"]))
     assert q["seeds"] == 1 and len(q["protocols"]) == 1
 
 
@@ -288,12 +296,12 @@ def test_end_to_end_tiny_preset_real_training(tmp_path, workers):
     data = make_dataset(tmp_path / "d", "eadc", n_train=2, n_valid=1, n_test=1)
     torch.manual_seed(0)
     save_checkpoint(build_unetr("tiny"), str(tmp_path / "base.safetensors"))
-    S = dict(C.FULL, preset="tiny", roi=None, spacing=1.0, protocols=["p"], seeds=1,
+    S = dict(PL.FULL, preset="tiny", roi=None, spacing=1.0, protocols=["p"], seeds=1,
              epochs=1, samples_per_epoch=2, batch_size=1, n_train=2, n_valid=1, n_test=1,
              regimes={"full-data": 1.0})
     kw = dict(datasets={"p": data}, pretrained=tmp_path / "base.safetensors", device="cpu",
               log=lambda *a: None)
-    cmp = C.Comparison(tmp_path / "out", S, C.parse_variants("decoder,lorapt:2"),
+    cmp = RUN.Comparison(tmp_path / "out", S, PL.parse_variants("decoder,lorapt:2"),
                        {"decoder": [1e-3], "lorapt": [1e-3, 3e-3]}, workers=workers,
                        threads_per_worker=1, **kw)
     cmp.run()
@@ -314,7 +322,7 @@ def test_end_to_end_tiny_preset_real_training(tmp_path, workers):
     def no_train(*a, **k):
         calls.append(1)
         raise AssertionError("retrained a finished run")
-    C.Comparison(tmp_path / "out", S, C.parse_variants("decoder,lorapt:2"),
+    RUN.Comparison(tmp_path / "out", S, PL.parse_variants("decoder,lorapt:2"),
                  {"decoder": [1e-3], "lorapt": [1e-3, 3e-3]}, train_fn=no_train,
                  evaluate_fn=no_train, **kw).run()
     assert calls == []
