@@ -349,6 +349,8 @@ def test_methods_come_from_the_registry_and_dora_is_a_variant(setup):
     assert set(PL.LR_GRID) == set(PL.methods()) == set(PL.QUICK_LR_GRID) == set(PL.NAMES)
     assert PL.LR_GRID["dora"] == PL.LR_GRID["lora"]
     assert PL.display_name("dora") == "DoRA"
+    assert "dora-r8" in [v["name"] for v in PL.parse_variants(PL.DEFAULT_VARIANTS)]
+    assert CLI.build_parser().parse_args([]).variants == PL.DEFAULT_VARIANTS
     assert PL.parse_variants("dora:8,dora:4,lorapt") == [
         {"name": "dora-r8", "method": "dora", "rank": 8},
         {"name": "dora-r4", "method": "dora", "rank": 4},

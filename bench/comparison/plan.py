@@ -19,7 +19,11 @@ __all__ = ["DEFAULT_VARIANTS", "LR_GRID", "QUICK_LR_GRID", "NAMES", "FULL", "QUI
            "check_settings", "plan_record", "check_plan_file", "steps_per_run", "sweep_key",
            "jobs", "run_dir", "run_config", "estimate_run", "calibrate"]
 
-DEFAULT_VARIANTS = "decoder,full,lora:8,pissa:8,lorapt:4,lorapt:8"
+#: DoRA is among the defaults: its training step costs about 1.06x LoRA's (cpu preset, batch 1,
+#: 1 thread, 6 steps of decoder/lora/dora/lorapt interleaved in one process, 2026-12-04), so
+#: the 7th variant adds about 1/6 to the plan (full: ~1 h 45 min from the measured 1 h 30 min
+#: for 6 variants; --quick: ~11 min from 9 min 12 s with data and pre-training cached)
+DEFAULT_VARIANTS = "decoder,full,lora:8,pissa:8,dora:8,lorapt:4,lorapt:8"
 #: learning-rate grids (Adam, amsgrad, poly decay) of the sweep, per registered method. Batch 1:
 #: the demo fine-tunes LoRA-PT at 5e-3 (3e-3 within 0.003 Dice of it); full fine-tuning moves
 #: every pre-trained weight, so its grid is 10x lower; DoRA is LoRA plus a magnitude per row
@@ -31,11 +35,12 @@ QUICK_LR_GRID = dict(LR_GRID)
 NAMES = {"decoder": "decoder-only", "full": "full", "lora": "LoRA", "pissa": "PiSSA",
          "dora": "DoRA", "lorapt": "LoRA-PT"}
 
-#: the full comparison (CPU preset). Sizing: 6 variants, 2 protocols, 2 regimes, 3 seeds =
-#: 72 final runs + 12 sweep runs (6 of them reused as final runs) = 78 trainings of 64 steps
-#: (batch 1, as the demo) + 72 test evaluations. On this 2-core machine (2026-11-27), with
-#: 2 worker processes of 1 thread: 1.5-1.9 s per step and worker, 1 h 30 min in all
-#: (measured), plus the one-off dataset building and pre-training (cached). Post-processing as
+#: the full comparison (CPU preset). Sizing: 7 variants, 2 protocols, 2 regimes, 3 seeds =
+#: 84 final runs + 14 sweep runs (7 of them reused as final runs) = 91 trainings of 64 steps
+#: (batch 1, as the demo) + 84 test evaluations. On this 2-core machine (2026-11-27), with
+#: 2 worker processes of 1 thread: 1.5-1.9 s per step and worker, 1 h 30 min in all for the
+#: 6 variants without DoRA (measured; 78 trainings), plus the one-off dataset building and
+#: pre-training (cached). Post-processing as
 #: the demo: the 2 largest connected components are kept (left and right hippocampus).
 FULL = {
     "preset": "cpu", "spacing": 1.5, "flip_axes": [0], "roi": "mni-hippocampus",
