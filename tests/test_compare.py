@@ -1,6 +1,8 @@
-"""The comparison harness (bench/compare.py): every variant gets the same data, seed, budget
-and base weights; mean ± std over seeds against hand-computed values; resumability; and one
-end-to-end pass through the real train()/evaluate() on the tiny preset."""
+"""The comparison harness (bench/compare.py, code in bench/comparison/): every variant gets the
+same data, seed, budget and base weights; mean ± std over seeds against hand-computed values;
+the methods from the registry (dora a variant); the per-subject Wilcoxon table against a
+by-hand exact p-value and scipy; resumability run by run; and one end-to-end pass through the
+real train()/evaluate() on the tiny preset."""
 from __future__ import annotations
 
 import copy
@@ -8,7 +10,6 @@ import csv
 import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
