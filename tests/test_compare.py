@@ -1,6 +1,8 @@
-"""The comparison harness (bench/compare.py): every variant gets the same data, seed, budget
-and base weights; mean ± std over seeds against hand-computed values; resumability; and one
-end-to-end pass through the real train()/evaluate() on the tiny preset."""
+"""The comparison harness (bench/compare.py, code in bench/comparison/): every variant gets the
+same data, seed, budget and base weights; mean ± std over seeds against hand-computed values;
+the methods from the registry (dora a variant); the per-subject Wilcoxon table against a
+by-hand exact p-value and scipy; resumability run by run; and one end-to-end pass through the
+real train()/evaluate() on the tiny preset."""
 from __future__ import annotations
 
 import copy
@@ -8,7 +10,6 @@ import csv
 import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,19 +17,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_compare():
+def _load_comparison():
+    """The package bench/comparison/ as ``comparison``, through bench/compare.py's loader
+    (bench/ itself stays off sys.path)."""
     spec = importlib.util.spec_from_file_location("bench_compare", ROOT / "bench" / "compare.py")
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_compare"] = mod
     spec.loader.exec_module(mod)
-    return mod
+    return mod.load()
 
 
-C = _load_compare()
+_load_comparison()
+from comparison import cli as CLI, common as CM, plan as PL, report as R, run as RUN  # noqa: E402,I001
 
 VARIANTS = "decoder,full,lora:8,pissa:8,lorapt:4,lorapt:8"
 GRID = {"decoder": [1e-3, 3e-3], "full": [1e-4, 3e-4, 1e-3], "lora": [1e-3, 3e-3],
-        "pissa": [1e-3, 3e-3], "lorapt": [1e-3, 3e-3]}
+        "pissa": [1e-3, 3e-3], "dora": [1e-3, 3e-3], "lorapt": [1e-3, 3e-3]}
 
 
 def fake_dataset(root: Path, n_train=8, n_valid=2, n_test=3) -> Path:
@@ -80,15 +83,19 @@ class FakeTrainer:
     def evaluate(self, cfg, checkpoint, out, *, split, overwrite, progress):
         self.eval_calls.append((copy.deepcopy(cfg), str(checkpoint), split))
         d = _score(cfg, "test")
+        names = (Path(cfg["data"]["path"]) / "test.txt").read_text().split()
+        # per-subject Dice: d + (-0.01, 0, +0.01, ...) so that their mean is d for 3 subjects
+        cases = [{"case": n, "dice": d + 0.01 * (i - 1)} for i, n in enumerate(names)]
         res = {"dice": {"mean": d, "std": 0.01, "n": 3, "n_nan": 0},
-               "hd95_mm": {"mean": 10 * (1 - d), "std": 0.5, "n": 3, "n_nan": 0}}
+               "hd95_mm": {"mean": 10 * (1 - d), "std": 0.5, "n": 3, "n_nan": 0},
+               "cases": cases}
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "metrics.json").write_text(json.dumps(res))
         return res
 
 
 def _settings(**kw):
-    S = dict(C.FULL, protocols=["neuromorphometrics", "harvard-oxford"], seeds=3, epochs=2,
+    S = dict(PL.FULL, protocols=["neuromorphometrics", "harvard-oxford"], seeds=3, epochs=2,
              samples_per_epoch=4, batch_size=2, n_train=8, n_valid=2, n_test=3,
              regimes={"full-data": 1.0, "low-data": 0.25})
     S.update(kw)
@@ -105,7 +112,7 @@ def setup(tmp_path):
 
 def _comparison(setup, fake, S=None, variants=VARIANTS, grid=GRID, plots=False):
     ds, pre, out = setup
-    return C.Comparison(out, S or _settings(), C.parse_variants(variants), grid, datasets=ds,
+    return RUN.Comparison(out, S or _settings(), PL.parse_variants(variants), grid, datasets=ds,
                         pretrained=pre, device="cpu", train_fn=fake.train,
                         evaluate_fn=fake.evaluate, log=lambda *a: None, plots=plots)
 
@@ -138,7 +145,8 @@ def test_every_variant_gets_same_data_seed_budget_and_base(setup, sweep):
         ref = _strip(cs[0], "adapter.method", "adapter.rank", "train.lr")
         for c in cs[1:]:
             assert _strip(c, "adapter.method", "adapter.rank", "train.lr") == ref
-        assert {c["adapter"]["method"] for c in cs} == set(C.METHODS)
+        assert {c["adapter"]["method"] for c in cs} == {"decoder", "full", "lora", "pissa",
+                                                         "lorapt"}
     # across seeds only train.seed differs; across regimes only data.max_train; across
     # protocols only data.path
     base = _strip(cfgs[0], "adapter.method", "adapter.rank", "train.lr", "train.seed", "data.max_train",
@@ -151,7 +159,7 @@ def test_every_variant_gets_same_data_seed_budget_and_base(setup, sweep):
     assert {c["train"]["seed"] for c in cfgs} == {0, 1, 2}
     # the sweep is on seed 0 only; final runs use the chosen rate; the sweep run at the
     # chosen rate is not retrained
-    variants = C.parse_variants(VARIANTS)
+    variants = PL.parse_variants(VARIANTS)
     n_sweep = sum(len(GRID[v["method"]]) for v in variants)
     if sweep == "method":
         assert len(cfgs) == n_sweep + len(variants) * (2 * 2 * 3 - 1)
@@ -188,7 +196,7 @@ def test_aggregate_mean_and_sample_std_by_hand():
                      "trainable_parameters": 10, "adapter_parameters": 4,
                      "model_parameters": 100, "artefact_bytes": 2 ** 20,
                      "time_per_step_s": 1.0 + seed, "peak_mem_mb": 1024.0})
-    s = C.aggregate(runs, C.parse_variants("lorapt:8"))
+    s = R.aggregate(runs, PL.parse_variants("lorapt:8"))
     assert len(s) == 1
     s = s[0]
     assert s["dice"]["mean"] == pytest.approx(0.8)
@@ -197,11 +205,11 @@ def test_aggregate_mean_and_sample_std_by_hand():
     assert s["hd95_mm"]["std"] == pytest.approx(math.sqrt(2.0))  # sqrt((1+1)/1)
     assert s["hd95_mm"]["n_nan"] == 1
     assert s["time_per_step_s"] == pytest.approx(2.0)
-    md = C.markdown([s], _settings(), 4)
+    md = R.markdown([s], _settings(), 4)
     assert "0.800 ± 0.100" in md and "3.00 ± 1.41" in md and "1.00 MB" in md
-    one = C.seed_stats([0.75])
+    one = CM.seed_stats([0.75])
     assert one["mean"] == 0.75 and math.isnan(one["std"])
-    assert "0.750 (n=1)" in C.fmt_pm(one)
+    assert "0.750 (n=1)" in CM.fmt_pm(one)
 
 
 def test_results_files_and_table(setup):
@@ -226,6 +234,15 @@ def test_results_files_and_table(setup):
         assert len(list(csv.DictReader(f))) == len(runs)
     md = (out / "results.md").read_text()
     assert "## full-data" in md and "## low-data" in md and "LoRA-PT" in md
+    # each subject's Dice reaches the summary's paired comparison (3 test subjects: n/a)
+    final = [r for r in runs if r["final"]]
+    assert all(sorted(r["test_case_dice"]) == ["sub10", "sub11", "sub12"] for r in final)
+    dec = [s for s in summ if s["variant"] == "decoder"]
+    assert all(len(s["paired"]) == 1 and s["paired"][0]["reference"] == "lorapt-r4" and
+               s["paired"][0]["n_pairs"] == 3 and s["paired"][0]["p_value"] is None
+               for s in dec)
+    assert all(s["paired"] == [] for s in summ if s["variant"] == "lorapt-r4")
+    assert "Paired per-subject comparison" in md and "n/a: 3 paired subject(s)" in md
 
 
 def test_resume_skips_finished_runs_and_refuses_other_settings(setup):
@@ -240,7 +257,7 @@ def test_resume_skips_finished_runs_and_refuses_other_settings(setup):
     done = {json.dumps(c, sort_keys=True) for c in first.train_cfgs}
     again = {json.dumps(c, sort_keys=True) for c in second.train_cfgs}
     assert not (done & again)                      # nothing trained twice
-    variants = C.parse_variants(VARIANTS)
+    variants = PL.parse_variants(VARIANTS)
     total = sum(len(GRID[v["method"]]) for v in variants) + len(variants) * (2 * 2 - 1)
     assert len(first.train_cfgs) + len(second.train_cfgs) == total
     summary = (setup[2] / "summary.json").read_text()
@@ -250,71 +267,223 @@ def test_resume_skips_finished_runs_and_refuses_other_settings(setup):
     assert third.eval_calls == []
     assert (setup[2] / "summary.json").read_text() == summary
     # other settings in the same folder: refused
-    with pytest.raises(C.CompareError, match="other settings"):
+    with pytest.raises(CM.CompareError, match="other settings"):
         _comparison(setup, FakeTrainer(), S=dict(S, epochs=3)).run()
 
 
 def test_argument_errors():
-    with pytest.raises(C.CompareError, match="unknown method"):
-        C.parse_variants("lorapt:8,dora:4")
-    with pytest.raises(C.CompareError, match="rank"):
-        C.parse_variants("lorapt:0")
-    with pytest.raises(C.CompareError, match="no rank"):
-        C.parse_variants("full:4")
-    with pytest.raises(C.CompareError, match="twice"):
-        C.parse_variants("lora:8,lora:8")
-    with pytest.raises(C.CompareError, match="--lrs"):
-        C.parse_lrs(["lora=-1"], GRID)
-    assert C.parse_lrs(["lora=3e-3,1e-3"], GRID)["lora"] == [1e-3, 3e-3]
-    assert [C.n_used(12, 0.25), C.n_used(8, 0.25), C.n_used(3, 0.1)] == [3, 2, 1]
-    p = C.build_parser()
-    with pytest.raises(C.CompareError, match="low-data-fraction"):
-        C.settings_from_args(p.parse_args(["--low-data-fraction", "1.5"]))
-    with pytest.raises(C.CompareError, match="--seeds"):
-        C.settings_from_args(p.parse_args(["--seeds", "0"]))
-    q = C.settings_from_args(p.parse_args(["--quick"]))
+    with pytest.raises(CM.CompareError, match="unknown method"):
+        PL.parse_variants("lorapt:8,adalora:4")
+    with pytest.raises(CM.CompareError, match="rank"):
+        PL.parse_variants("lorapt:0")
+    with pytest.raises(CM.CompareError, match="no rank"):
+        PL.parse_variants("full:4")
+    with pytest.raises(CM.CompareError, match="twice"):
+        PL.parse_variants("lora:8,lora:8")
+    with pytest.raises(CM.CompareError, match="--lrs"):
+        PL.parse_lrs(["lora=-1"], GRID)
+    assert PL.parse_lrs(["lora=3e-3,1e-3"], GRID)["lora"] == [1e-3, 3e-3]
+    assert [CM.n_used(12, 0.25), CM.n_used(8, 0.25), CM.n_used(3, 0.1)] == [3, 2, 1]
+    p = CLI.build_parser()
+    with pytest.raises(CM.CompareError, match="low-data-fraction"):
+        CLI.settings_from_args(p.parse_args(["--low-data-fraction", "1.5"]))
+    with pytest.raises(CM.CompareError, match="--seeds"):
+        CLI.settings_from_args(p.parse_args(["--seeds", "0"]))
+    q = CLI.settings_from_args(p.parse_args(["--quick"]))
     assert q["seeds"] == 1 and len(q["protocols"]) == 1
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_end_to_end_tiny_preset_real_training(tmp_path, workers):
+@pytest.mark.parametrize("workers,variants", [(1, "decoder,lorapt:2"), (2, "dora:2,lorapt:2")])
+def test_end_to_end_tiny_preset_real_training(tmp_path, workers, variants):
     """The real train()/evaluate() on generated tiny data: the harness's wiring (summary,
-    curves, artefact, metrics) works, in one process and with 2 worker processes, and a
-    resumed pass retrains nothing."""
+    curves, artefact, metrics, per-subject Dice) works, in one process and with 2 worker
+    processes (there with HF PEFT's DoRA), and a resumed pass retrains nothing."""
     pytest.importorskip("monai")
     import torch
     from test_data import make_dataset
     from tsvd.models import build_unetr, save_checkpoint
+    if "dora" in variants:
+        pytest.importorskip("peft")
     data = make_dataset(tmp_path / "d", "eadc", n_train=2, n_valid=1, n_test=1)
     torch.manual_seed(0)
     save_checkpoint(build_unetr("tiny"), str(tmp_path / "base.safetensors"))
-    S = dict(C.FULL, preset="tiny", roi=None, spacing=1.0, protocols=["p"], seeds=1,
+    S = dict(PL.FULL, preset="tiny", roi=None, spacing=1.0, protocols=["p"], seeds=1,
              epochs=1, samples_per_epoch=2, batch_size=1, n_train=2, n_valid=1, n_test=1,
              regimes={"full-data": 1.0})
     kw = dict(datasets={"p": data}, pretrained=tmp_path / "base.safetensors", device="cpu",
               log=lambda *a: None)
-    cmp = C.Comparison(tmp_path / "out", S, C.parse_variants("decoder,lorapt:2"),
-                       {"decoder": [1e-3], "lorapt": [1e-3, 3e-3]}, workers=workers,
-                       threads_per_worker=1, **kw)
+    vs = PL.parse_variants(variants)
+    grid = {v["method"]: [1e-3] for v in vs}
+    cmp = RUN.Comparison(tmp_path / "out", S, vs, grid, workers=workers, threads_per_worker=1,
+                         **kw)
     cmp.run()
     runs = json.loads((tmp_path / "out" / "runs.json").read_text())
-    assert len(runs) == 3 and all(r["workers"] == workers for r in runs)
+    assert len(runs) == 2 and all(r["workers"] == workers for r in runs)
     assert all(r["threads"] == (1 if workers > 1 else torch.get_num_threads()) for r in runs)
     assert not list((tmp_path / "out").rglob("worker_*.json"))
+    assert all(len(r["test_case_dice"]) == 1 for r in runs)
     summ = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert [s["variant"] for s in summ] == ["decoder", "lorapt-r2"]
+    assert [s["variant"] for s in summ] == [v["name"] for v in vs]
     for s in summ:
         assert 0.0 <= s["dice"]["mean"] <= 1.0
         assert s["trainable_parameters"] > 0 and s["artefact_bytes"] > 0
         assert s["time_per_step_s"] > 0 and s["peak_mem_mb"] > 0
-    lp = next(s for s in summ if s["variant"] == "lorapt-r2")
-    assert lp["adapter_parameters"] > 0
+        if s["method"] != "decoder":
+            assert s["adapter_parameters"] > 0
     calls = []
 
     def no_train(*a, **k):
         calls.append(1)
         raise AssertionError("retrained a finished run")
-    C.Comparison(tmp_path / "out", S, C.parse_variants("decoder,lorapt:2"),
-                 {"decoder": [1e-3], "lorapt": [1e-3, 3e-3]}, train_fn=no_train,
-                 evaluate_fn=no_train, **kw).run()
+    RUN.Comparison(tmp_path / "out", S, vs, grid, train_fn=no_train, evaluate_fn=no_train,
+                   **kw).run()
     assert calls == []
+
+
+# ------------------------------------------------------------------------------------------
+# dora, the registry, the paired tests, resuming run by run
+# ------------------------------------------------------------------------------------------
+def test_methods_come_from_the_registry_and_dora_is_a_variant(setup):
+    import tsvd.peft
+    assert PL.methods() == tuple(tsvd.peft.METHODS) and "dora" in PL.methods()
+    # every registered method has a grid and a name in the tables
+    assert set(PL.LR_GRID) == set(PL.methods()) == set(PL.QUICK_LR_GRID) == set(PL.NAMES)
+    assert PL.LR_GRID["dora"] == PL.LR_GRID["lora"]
+    assert PL.display_name("dora") == "DoRA"
+    assert "dora-r8" in [v["name"] for v in PL.parse_variants(PL.DEFAULT_VARIANTS)]
+    assert CLI.build_parser().parse_args([]).variants == PL.DEFAULT_VARIANTS
+    assert PL.parse_variants("dora:8,dora:4,lorapt") == [
+        {"name": "dora-r8", "method": "dora", "rank": 8},
+        {"name": "dora-r4", "method": "dora", "rank": 4},
+        {"name": "lorapt-r8", "method": "lorapt", "rank": 8}]
+    with pytest.raises(CM.CompareError, match="twice"):
+        PL.parse_variants("dora,dora:8")
+    with pytest.raises(CM.CompareError, match="rank"):
+        PL.parse_variants("dora:x")
+    assert PL.parse_lrs(["dora=1e-3,4e-3"], PL.LR_GRID)["dora"] == [1e-3, 4e-3]
+    args = CLI.build_parser().parse_args(["--variants", "dora:8,lorapt:8", "--lrs", "dora=7e-3"])
+    assert [v["name"] for v in PL.parse_variants(args.variants)] == ["dora-r8", "lorapt-r8"]
+    # in a comparison: dora trains with its own grid and rank, and has its rows
+    fake = FakeTrainer()
+    grid = dict(GRID, dora=[2e-3, 4e-3, 6e-3])
+    cmp = _comparison(setup, fake, S=_settings(seeds=1, regimes={"full-data": 1.0},
+                                               protocols=["neuromorphometrics"]),
+                      variants="dora:8,lorapt:8", grid=grid)
+    cmp.run()
+    dora = [c for c in fake.train_cfgs if c["adapter"]["method"] == "dora"]
+    assert sorted(c["train"]["lr"] for c in dora) == [2e-3, 4e-3, 6e-3]
+    assert {c["adapter"]["rank"] for c in dora} == {8}
+    md = (setup[2] / "results.md").read_text()
+    assert "| DoRA | 8 |" in md and "| LoRA-PT r8 | DoRA r8 | 3 |" in md
+
+
+def _runs_with_cases(variant, method, per_seed: list[dict], regime="full-data", protocol="p"):
+    return [{"regime": regime, "protocol": protocol, "variant": variant, "method": method,
+             "rank": 8, "lr": 1e-3, "seed": seed, "final": True, "train_subjects": 8,
+             "test_dice": sum(cases.values()) / len(cases), "test_hd95_mm": 1.0,
+             "val_dice": 0.5, "trainable_parameters": 10, "adapter_parameters": 4,
+             "model_parameters": 100, "artefact_bytes": 1, "test_case_dice": cases}
+            for seed, cases in enumerate(per_seed)]
+
+
+def _exact_wilcoxon_p(d):
+    """Two-sided exact p of the signed-rank test by enumerating every sign assignment (the
+    |differences| distinct and non-zero): 2 P(W+ <= min(W+, W-)) under H0, capped at 1."""
+    import itertools
+    ranks = {a: i + 1 for i, a in enumerate(sorted(abs(x) for x in d))}
+    w_plus = sum(ranks[abs(x)] for x in d if x > 0)
+    t = min(w_plus, sum(ranks.values()) - w_plus)
+    n = len(d)
+    hits = sum(1 for signs in itertools.product((0, 1), repeat=n)
+               if sum(r for r, s in zip(range(1, n + 1), signs) if s) <= t)
+    return t, min(1.0, 2 * hits / 2 ** n)
+
+
+def test_paired_wilcoxon_by_hand_and_scipy():
+    from scipy.stats import wilcoxon
+    subjects = [f"s{i}" for i in range(8)]
+    base = [0.60, 0.70, 0.65, 0.72, 0.58, 0.66, 0.69, 0.61]
+    diff = [0.05, 0.02, -0.01, 0.06, 0.03, 0.07, 0.08, -0.09]   # LoRA-PT − LoRA per subject
+    # LoRA: 3 seeds around base (mean = base); LoRA-PT: 2 seeds around base + diff; subject
+    # s7 missing in one LoRA seed (its mean over the 2 others is still base)
+    lora = [{s: b + e for s, b in zip(subjects, base)} for e in (-0.02, 0.0, 0.02)]
+    del lora[1]["s7"]
+    lorapt = [{s: b + d + e for s, b, d in zip(subjects, base, diff)} for e in (-0.03, 0.03)]
+    runs = (_runs_with_cases("lorapt-r8", "lorapt", lorapt) +
+            _runs_with_cases("lora-r8", "lora", lora) +
+            _runs_with_cases("other", "lora", lora, protocol="q"))    # no LoRA-PT in q
+    tests = R.paired_tests(runs)
+    assert len(tests) == 1
+    t = tests[0]
+    assert (t["reference"], t["baseline"], t["protocol"]) == ("lorapt-r8", "lora-r8", "p")
+    assert t["reference_seeds"] == [0, 1] and t["baseline_seeds"] == [0, 1, 2]
+    assert t["n_pairs"] == 8 and t["note"] is None
+    assert t["median_diff"] == pytest.approx(0.04)        # (0.03 + 0.05) / 2
+    assert t["mean_diff"] == pytest.approx(sum(diff) / 8)
+    stat, p = _exact_wilcoxon_p(diff)                    # W- = 1 + 8 = 9, W+ = 27
+    assert stat == 9
+    assert t["statistic"] == pytest.approx(stat)
+    assert t["p_value"] == pytest.approx(p)
+    assert t["p_value"] == pytest.approx(wilcoxon(diff).pvalue)
+    # the same in the summary (the baseline's cell) and in the table
+    summ = R.aggregate(runs, PL.parse_variants("lorapt:8,lora:8") +
+                       [{"name": "other", "method": "lora", "rank": 8}])
+    cell = next(s for s in summ if s["variant"] == "lora-r8")
+    assert cell["paired"] == [t]
+    assert next(s for s in summ if s["variant"] == "lorapt-r8")["paired"] == []
+    md = R.markdown(summ, _settings(), 4)
+    assert f"| p | LoRA-PT r8 | LoRA r8 | 8 | +0.040 | {sum(diff) / 8:+.3f} | " \
+           f"{CM.fmt_p(p)} |" in md
+
+
+def test_paired_test_not_applicable():
+    subjects = [f"s{i}" for i in range(5)]
+    five = R.paired_test({s: 0.5 + 0.01 * i for i, s in enumerate(subjects)},
+                         {s: 0.4 for s in subjects})
+    assert five["n_pairs"] == 5 and five["p_value"] is None and "n/a" in five["note"]
+    assert five["median_diff"] == pytest.approx(0.12)
+    same = {f"s{i}": 0.5 for i in range(10)}
+    zero = R.paired_test(same, dict(same))
+    assert zero["p_value"] is None and zero["median_diff"] == 0 and "zero" in zero["note"]
+    few = R.paired_test(same, dict(same, s0=0.4, s1=0.3))       # 2 non-zero differences
+    assert few["p_value"] is None and "non-zero" in few["note"]
+    none = R.paired_test({}, {"a": 0.1})                         # e.g. results without cases
+    assert none["n_pairs"] == 0 and none["median_diff"] is None and "n/a" in none["note"]
+    runs = _runs_with_cases("lorapt-r8", "lorapt", [{"a": 0.5}]) + \
+        _runs_with_cases("lora-r8", "lora", [{"a": 0.4}])
+    for r in runs:
+        r["test_case_dice"] = None
+    md = R.markdown(R.aggregate(runs, PL.parse_variants("lorapt:8,lora:8")), _settings(), 4)
+    assert "| n/a | n/a | n/a: 0 paired subject(s)" in md
+
+
+def test_runner_skips_completed_runs(setup):
+    S = _settings(seeds=2, protocols=["neuromorphometrics"], regimes={"full-data": 1.0})
+    first = FakeTrainer()
+    cmp = _comparison(setup, first, S=S, variants="decoder,lorapt:4")
+    cmp.run()
+    jobs = cmp.plan()
+    assert all(cmp.is_done(j) for j in jobs)
+    # remove one finished final run (seed 1 of lorapt-r4): only it is trained and tested again
+    lost = next(r for r in cmp.final_runs() if r["variant"] == "lorapt-r4" and r["seed"] == 1)
+    import shutil
+    shutil.rmtree(lost["run_dir"])
+    fresh = _comparison(setup, FakeTrainer(), S=S, variants="decoder,lorapt:4")
+    assert [j["variant"]["name"] + str(j["seed"]) for j in jobs if not fresh.is_done(j)] == \
+        ["lorapt-r41"]
+    second = FakeTrainer()
+    cmp2 = _comparison(setup, second, S=S, variants="decoder,lorapt:4")
+    cmp2.run()
+    assert [(c["adapter"]["method"], c["train"]["seed"]) for c in second.train_cfgs] == \
+        [("lorapt", 1)]
+    assert len(second.eval_calls) == 1 and second.eval_calls[0][0]["train"]["seed"] == 1
+    assert len(cmp2.final_runs()) == 4 and all(cmp2.is_done(j) for j in jobs)
+    # a run's result.json without the test numbers (interrupted before testing): tested only
+    r = next(r for r in cmp2.final_runs() if r["variant"] == "decoder" and r["seed"] == 1)
+    res = json.loads((Path(r["run_dir"]) / "result.json").read_text())
+    res["test_dice"] = None
+    (Path(r["run_dir"]) / "result.json").write_text(json.dumps(res))
+    shutil.rmtree(Path(r["run_dir"]) / "eval")
+    third = FakeTrainer()
+    _comparison(setup, third, S=S, variants="decoder,lorapt:4").run()
+    assert third.train_cfgs == [] and len(third.eval_calls) == 1

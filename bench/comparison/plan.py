@@ -1,0 +1,349 @@
+"""What the comparison runs: its settings (full and ``--quick``), the variants
+(``METHOD[:RANK]``, methods from the library's registry :data:`tsvd.peft.METHODS`), the
+learning-rate grids, each run's training configuration and folder, the ordered job list
+(sweeps, then final runs seed by seed), and the time estimate from a short calibration."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .common import CompareError, fmt_lr, n_used, read_json
+
+__all__ = ["DEFAULT_VARIANTS", "LR_GRID", "QUICK_LR_GRID", "NAMES", "FULL", "QUICK",
+           "methods", "takes_rank", "display_name", "parse_variants", "parse_lrs",
+           "check_settings", "plan_record", "check_plan_file", "steps_per_run", "sweep_key",
+           "jobs", "run_dir", "run_config", "estimate_run", "calibrate"]
+
+#: DoRA is among the defaults: its training step costs about 1.06x LoRA's (cpu preset, batch 1,
+#: 1 thread, 6 steps of decoder/lora/dora/lorapt interleaved in one process, 2026-12-04), so
+#: the 7th variant adds about 1/6 to the plan (full: ~1 h 45 min from the measured 1 h 30 min
+#: for 6 variants; --quick: ~11 min from 9 min 12 s with data and pre-training cached)
+DEFAULT_VARIANTS = "decoder,full,lora:8,pissa:8,dora:8,lorapt:4,lorapt:8"
+#: learning-rate grids (Adam, amsgrad, poly decay) of the sweep, per registered method. Batch 1:
+#: the demo fine-tunes LoRA-PT at 5e-3 (3e-3 within 0.003 Dice of it); full fine-tuning moves
+#: every pre-trained weight, so its grid is 10x lower; DoRA is LoRA plus a magnitude per row
+#: and gets LoRA's grid.
+LR_GRID = {"decoder": [2e-3, 5e-3], "full": [2e-4, 5e-4], "lora": [2e-3, 5e-3],
+           "pissa": [2e-3, 5e-3], "dora": [2e-3, 5e-3], "lorapt": [2e-3, 5e-3]}
+QUICK_LR_GRID = dict(LR_GRID)
+#: names in the tables
+NAMES = {"decoder": "decoder-only", "full": "full", "lora": "LoRA", "pissa": "PiSSA",
+         "dora": "DoRA", "lorapt": "LoRA-PT"}
+
+#: the full comparison (CPU preset). Sizing: 7 variants, 2 protocols, 2 regimes, 3 seeds =
+#: 84 final runs + 14 sweep runs (7 of them reused as final runs) = 91 trainings of 64 steps
+#: (batch 1, as the demo) + 84 test evaluations. On this 2-core machine (2026-11-27), with
+#: 2 worker processes of 1 thread: 1.5-1.9 s per step and worker, 1 h 30 min in all for the
+#: 6 variants without DoRA (measured; 78 trainings), plus the one-off dataset building and
+#: pre-training (cached). Post-processing as
+#: the demo: the 2 largest connected components are kept (left and right hippocampus).
+FULL = {
+    "preset": "cpu", "spacing": 1.5, "flip_axes": [0], "roi": "mni-hippocampus",
+    "protocols": ["neuromorphometrics", "harvard-oxford"],
+    "n_train": 12, "n_valid": 4, "n_test": 8, "dataset_seed": 0,
+    "seeds": 3, "epochs": 4, "samples_per_epoch": 16, "batch_size": 1, "keep_components": 2,
+    "regimes": {"full-data": 1.0, "low-data": 0.25}, "sweep": "method",
+}
+#: --quick: one seed, one protocol, the full-data regime, 3 × 16 samples, two rates per method
+QUICK = dict(FULL, protocols=["neuromorphometrics"], seeds=1, epochs=3,
+             regimes={"full-data": 1.0})
+
+
+# ------------------------------------------------------------------------------------------
+# methods and variants
+# ------------------------------------------------------------------------------------------
+def methods() -> tuple:
+    """The method names of the library's registry (:data:`tsvd.peft.METHODS`)."""
+    from tsvd.peft import METHODS
+    return tuple(METHODS)
+
+
+def takes_rank(method: str) -> bool:
+    """Whether the registered ``method`` has a ``rank`` option."""
+    from tsvd.peft import get_method
+    return "rank" in get_method(method).options
+
+
+def display_name(method: str) -> str:
+    """The method's name in the tables (its registry name when it has no entry in NAMES)."""
+    return NAMES.get(method, method)
+
+
+def parse_variants(text: str) -> list[dict]:
+    """``"decoder,full,lora:8,dora:8,lorapt:4"`` -> [{"name", "method", "rank"}, ...]; a method
+    with a rank option defaults to rank 8, one without must not be given a rank."""
+    known = methods()
+    out, seen = [], set()
+    for part in [p.strip() for p in str(text).split(",") if p.strip()]:
+        method, _, rank = part.partition(":")
+        if method not in known:
+            raise CompareError(f"--variants: unknown method {method!r} in {part!r} "
+                               f"(expected one of {', '.join(known)}, e.g. lorapt:8)")
+        if not takes_rank(method):
+            if rank:
+                raise CompareError(f"--variants: {method} has no rank ({part!r})")
+            r, name = None, method
+        else:
+            try:
+                r = int(rank) if rank else 8
+            except ValueError:
+                r = -1
+            if r < 1:
+                raise CompareError(f"--variants: rank of {part!r} must be a positive integer")
+            name = f"{method}-r{r}"
+        if name in seen:
+            raise CompareError(f"--variants: {name} given twice")
+        seen.add(name)
+        out.append({"name": name, "method": method, "rank": r})
+    if not out:
+        raise CompareError("--variants: no variant given")
+    return out
+
+
+def parse_lrs(items, grid: dict) -> dict:
+    """``["lora=1e-3,3e-3", ...]`` overrides of the learning-rate grid (a copy)."""
+    known = methods()
+    grid = copy.deepcopy(grid)
+    for it in items or []:
+        m, _, vals = it.partition("=")
+        if m not in known or not vals:
+            raise CompareError(f"--lrs: expected METHOD=LR[,LR...] with METHOD one of "
+                               f"{', '.join(known)}, got {it!r}")
+        try:
+            lrs = [float(v) for v in vals.split(",")]
+        except ValueError:
+            raise CompareError(f"--lrs: {it!r}: learning rates must be numbers") from None
+        if any(not (v > 0) for v in lrs):
+            raise CompareError(f"--lrs: {it!r}: learning rates must be positive")
+        grid[m] = sorted(set(lrs))
+    return grid
+
+
+# ------------------------------------------------------------------------------------------
+# settings
+# ------------------------------------------------------------------------------------------
+_INT_SETTINGS = ("seeds", "epochs", "samples_per_epoch", "batch_size", "n_train", "n_valid",
+                 "n_test")
+
+
+def check_settings(quick: bool = False, *, protocols=None, low_data_fraction=None,
+                   sweep=None, **over) -> dict:
+    """The settings (:data:`FULL` or :data:`QUICK`) with the command line's overrides
+    (``over``: the integer settings and ``preset``; None keeps the default), checked.
+    ``low_data_fraction``: the low-data regime's share (default 0.25, quick 0; 0: none)."""
+    S = copy.deepcopy(QUICK if quick else FULL)
+    if protocols:
+        S["protocols"] = [p.strip() for p in protocols.split(",") if p.strip()]
+    for k, v in over.items():
+        if k not in _INT_SETTINGS + ("preset",):
+            raise TypeError(f"check_settings: unknown setting {k!r}")
+        if v is not None:
+            S[k] = v
+    for k in _INT_SETTINGS:
+        if not isinstance(S[k], int) or isinstance(S[k], bool) or S[k] < 1:
+            raise CompareError(f"--{k.replace('_', '-')}: expected a positive integer, "
+                               f"got {S[k]!r}")
+    if sweep:
+        S["sweep"] = sweep
+    f = low_data_fraction
+    if f is None:
+        f = 0.0 if quick else 0.25
+    if not (0 <= f < 1):
+        raise CompareError(f"--low-data-fraction: expected a number in [0, 1), got {f!r}")
+    S["regimes"] = {"full-data": 1.0}
+    if f > 0:
+        S["regimes"]["low-data"] = float(f)
+    return S
+
+
+def plan_record(S: dict, variants: list[dict], grid: dict, pretrained, device) -> dict:
+    """What ``plan.json`` holds: a folder continues a comparison only with the same record."""
+    return {"settings": S, "variants": variants, "lr_grid": grid,
+            "pretrained": None if pretrained is None else str(pretrained), "device": device}
+
+
+def check_plan_file(out: Path, record: dict) -> bool:
+    """Whether ``out/plan.json`` exists (a comparison to continue); CompareError when it
+    holds another plan than ``record``."""
+    path = Path(out) / "plan.json"
+    if not path.is_file():
+        return False
+    old = read_json(path)
+    if {k: old.get(k) for k in record} != json.loads(json.dumps(record)):
+        raise CompareError(f"{path}: {out} holds a comparison with other settings; "
+                           f"use another --out (or the same options as before)")
+    return True
+
+
+# ------------------------------------------------------------------------------------------
+# runs
+# ------------------------------------------------------------------------------------------
+def steps_per_run(S: dict) -> int:
+    """Optimizer steps of one training: ceil(samples per epoch / batch) × epochs."""
+    return int(math.ceil(S["samples_per_epoch"] / S["batch_size"])) * int(S["epochs"])
+
+
+def sweep_key(S: dict, regime: str, protocol: str, variant: dict) -> str:
+    """Which sweep gives the learning rate of a (regime, protocol, variant): with
+    ``sweep="method"`` the variant's sweep on the first regime and protocol, with
+    ``sweep="cell"`` a sweep of its own."""
+    if S.get("sweep", "method") == "method":
+        regime, protocol = list(S["regimes"])[0], S["protocols"][0]
+    return "/".join((regime, protocol, variant["name"]))
+
+
+def jobs(S: dict, variants: list[dict], lr_grid: dict) -> list[dict]:
+    """Every run in order. First the sweeps (seed 0, every rate of the variant's grid),
+    then the final runs, seeds outermost (a complete one-seed table comes first): each
+    (regime, protocol, variant, seed) at its sweep's chosen rate (``lr=None`` until the
+    choice). A final run whose configuration is a sweep run's is that run (``reuses_sweep``),
+    not retrained."""
+    out = []
+    cells = [(r, p) for r in S["regimes"] for p in S["protocols"]]
+    mode = S.get("sweep", "method")
+    if mode not in ("method", "cell"):
+        raise CompareError(f"sweep: expected 'method' or 'cell', got {mode!r}")
+    for regime, protocol in (cells[:1] if mode == "method" else cells):
+        for v in variants:
+            for lr in lr_grid[v["method"]]:
+                out.append({"regime": regime, "protocol": protocol, "variant": v, "lr": lr,
+                            "seed": 0, "phase": "sweep",
+                            "key": sweep_key(S, regime, protocol, v)})
+    for seed in range(int(S["seeds"])):
+        for regime, protocol in cells:
+            for v in variants:
+                key = sweep_key(S, regime, protocol, v)
+                out.append({"regime": regime, "protocol": protocol, "variant": v, "lr": None,
+                            "seed": seed, "phase": "final", "key": key,
+                            "reuses_sweep": seed == 0 and key == "/".join(
+                                (regime, protocol, v["name"]))})
+    return out
+
+
+def run_dir(out, protocol: str, regime: str, variant: dict, lr: float, seed: int) -> Path:
+    """``out/runs/REGIME/PROTOCOL/VARIANT/lrLR/seedS``."""
+    return (Path(out) / "runs" / regime / protocol / variant["name"] / f"lr{fmt_lr(lr)}" /
+            f"seed{seed}")
+
+
+def run_config(S: dict, dataset, pretrained, n_train: int, regime: str, variant: dict,
+               lr: float, seed: int, device: str = "auto") -> dict:
+    """The training configuration (``tsvd.peft.seg.train`` schema) of one run on ``dataset``
+    (``n_train`` training subjects in all).
+
+    Everything but ``adapter.method``, ``adapter.rank``, ``train.lr`` (and ``train.seed``
+    across seeds) is the same for every variant of a (regime, protocol)."""
+    from tsvd.models import preset_kwargs
+    from tsvd.peft.seg import train as T
+    from tsvd.peft.seg.embedded import HIPPOCAMPUS_ROI_MM
+    patch = list(preset_kwargs(S["preset"])["img_size"])
+    n = n_used(n_train, float(S["regimes"][regime]))
+    return T.merge_config(T.DEFAULTS, {
+        "data": {"path": str(dataset), "format": "eadc",
+                 "spacing": S["spacing"], "flip_axes": list(S["flip_axes"]),
+                 "roi": ({"centre_mm": list(HIPPOCAMPUS_ROI_MM[0]), "size": patch}
+                         if S.get("roi", "mni-hippocampus") == "mni-hippocampus" else None),
+                 "max_train": n},
+        "model": {"preset": S["preset"], "pretrained": str(pretrained)},
+        "adapter": {"method": variant["method"], "rank": variant["rank"],
+                    "train_decoder": True},
+        "train": {"epochs": int(S["epochs"]), "batch_size": int(S["batch_size"]),
+                  "samples_per_epoch": int(S["samples_per_epoch"]), "lr": float(lr),
+                  "seed": int(seed), "device": device, "val_every": 1, "average_last": 0},
+        "infer": {"tta_flip": [], "keep_components": int(S.get("keep_components", 0))},
+    })
+
+
+# ------------------------------------------------------------------------------------------
+# time
+# ------------------------------------------------------------------------------------------
+def estimate_run(S: dict, n_train: int, job: dict, cal) -> float:
+    """Seconds for one run (``n_train``: training subjects of its protocol) from the
+    calibration ``cal`` (:func:`calibrate`); NaN without one."""
+    if cal is None:
+        return float("nan")
+    n_tr = n_used(n_train, S["regimes"][job["regime"]])
+    nv, nt = S["n_valid"], S["n_test"]
+    test = nt * (2 * cal["case_s"] + cal["fwd_s"])
+    if job["phase"] == "final" and job.get("reuses_sweep"):
+        return test
+    t = steps_per_run(S) * cal["step_s"][job["variant"]["name"]]
+    t += (n_tr + nv) * cal["case_s"] + S["epochs"] * nv * cal["fwd_s"]
+    t += cal["setup_s"].get(job["variant"]["name"], 0.0)
+    return t + (test if job["phase"] == "final" else 0.0)
+
+
+def calibrate(S: dict, variants: list[dict], dataset: Path, device="auto", steps=2,
+              log=print) -> dict:
+    """Seconds per training step of each variant (random input, ``steps`` timed steps after
+    one warm-up), per no-grad forward, per subject preprocessing, and adapter set-up."""
+    import torch
+    from monai.losses import DiceCELoss
+    from monai.transforms import Compose
+    from tsvd.models import build_unetr, preset_kwargs
+    from tsvd.peft import adapt
+    from tsvd.peft.seg.data import eval_transforms, load_cases
+    from tsvd.peft.seg.embedded import HIPPOCAMPUS_ROI_MM
+    dev = torch.device("cuda" if (device in (None, "auto") and torch.cuda.is_available())
+                       else ("cpu" if device in (None, "auto") else device))
+    size = list(preset_kwargs(S["preset"])["img_size"])
+    bs = int(S["batch_size"])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(bs, 1, *size, generator=g).to(dev)
+    y = (torch.rand(bs, 1, *size, generator=g) > 0.9).float().to(dev)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    out = {"step_s": {}, "setup_s": {}, "fwd_s": None, "case_s": None, "device": str(dev)}
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    for v in variants:
+        torch.manual_seed(0)
+        model = build_unetr(S["preset"])
+        t0 = time.time()
+        if v["method"] == "full":
+            params = list(model.parameters())
+        else:
+            kw = {"rank": v["rank"]} if v["rank"] else {}
+            params = adapt(model, v["method"], **kw).trainable_parameters()
+        out["setup_s"][v["name"]] = time.time() - t0
+        model.to(dev).train()
+        opt = torch.optim.Adam(params, lr=1e-3, amsgrad=True)
+        ts = []
+        for k in range(steps + 1):
+            sync()
+            t0 = time.time()
+            loss = loss_fn(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sync()
+            if k:
+                ts.append(time.time() - t0)
+        out["step_s"][v["name"]] = float(np.median(ts))
+        if out["fwd_s"] is None:
+            model.eval()
+            with torch.no_grad():
+                sync()
+                t0 = time.time()
+                model(x[:1])
+                sync()
+                out["fwd_s"] = time.time() - t0
+        del model, opt, params
+    _, splits, allowed = load_cases(dataset, "eadc")
+    dcfg = {"spacing": S["spacing"], "patch": size, "foreground": None,
+            "roi": ({"centre_mm": list(HIPPOCAMPUS_ROI_MM[0]), "size": size}
+                    if S.get("roi", "mni-hippocampus") == "mni-hippocampus" else None)}
+    comp = Compose(eval_transforms(dcfg, allowed))
+    c = splits["test"][0] if splits["test"] else splits["train"][0]
+    t0 = time.time()
+    comp(dict(c))
+    out["case_s"] = time.time() - t0
+    log("calibration: s/step " + ", ".join(f"{k} {v:.2f}" for k, v in out["step_s"].items())
+        + f"; forward {out['fwd_s']:.2f} s; one subject's preprocessing {out['case_s']:.2f} s")
+    return out
