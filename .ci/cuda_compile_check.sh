@@ -51,7 +51,7 @@ if [ ! -x "$venv/bin/python" ] || ! have_torch; then
   echo "== creating $venv with $torch_spec (CUDA build) =="
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
-  "$venv/bin/pip" install -q "$torch_spec" numpy setuptools wheel ninja pybind11
+  "$venv/bin/pip" install -q "$torch_spec" numpy setuptools wheel ninja
 fi
 for mod in setuptools ninja; do
   "$venv/bin/python" -c "import $mod" 2>/dev/null || "$venv/bin/pip" install -q "$mod"
@@ -74,7 +74,7 @@ export FORCE_CUDA=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-2}
 # the CPU flags of the build machine must not matter for a compile check
-# the default build is portable (no -march=native); nothing to set
+# the default build is portable (no -march=native; CPU loops per ISA, chosen at run time)
 echo "== building tsvd._C (FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS) =="
 set +e
 "$venv/bin/python" setup.py build_ext --inplace > build.log 2>&1

@@ -539,7 +539,7 @@ class Comparison:
         log, fh = self._run_log(rdir)
         try:
             return self.evaluate_fn(rec["config"], rdir / "train", rdir / "eval", split="test",
-                                    overwrite=True, log=log, progress=self.verbose)
+                                    overwrite=True, progress=self.verbose)
         finally:
             fh.close()
 
@@ -1022,17 +1022,17 @@ def prepare_data(S: dict, cache: Path, log=print) -> dict:
 
 def pretrain(S: dict, cache: Path, device="auto", log=print, progress=False) -> Path:
     """The pre-trained base: ``lorapt demo``'s source-task pre-training (its settings from
-    ``tsvd.peft.seg.cli.DEMO``), run through ``train(task="pretrain")``, cached by its settings
+    ``tsvd.peft.seg.demo.DEMO``), run through ``train(task="pretrain")``, cached by its settings
     (the same cache entry as the demo's when the settings agree). Returns the weights file."""
-    from tsvd.peft.seg import cli
+    from tsvd.peft.seg import demo
     from tsvd.peft.seg import embedded as E
-    D = cli.DEMO
+    D = demo.DEMO
     src = E.build_dataset("source", n_train=D["source_train"], n_valid=D["source_valid"],
                           n_test=0, spacing=D["spacing"], seed=0, cache_dir=cache,
                           workers=max(1, min(2, os.cpu_count() or 1)), log=log)
     t0 = time.time()
-    base = cli.cached_pretrain(dict(D, preset=S["preset"]), src, cache, seed=0, device=device,
-                               progress=progress, log=log)
+    base = demo.cached_pretrain(dict(D, preset=S["preset"]), src, cache, seed=0, device=device,
+                                progress=progress)
     log(f"pre-trained weights ready in {fmt_time(time.time() - t0)}")
     return base
 

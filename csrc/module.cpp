@@ -1,38 +1,22 @@
-// Python module tsvd._C: importing it registers the operators (torch.ops.tsvd.*); the
-// module itself only reports how the extension was built.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+// The Python module tsvd._C. Loading it runs the static TORCH_LIBRARY registrations of
+// the other translation units (torch.ops.tsvd.*); the module itself is empty. It uses
+// only the stable (limited) Python C API, so one build serves every CPython >= 3.10 for
+// a given torch (setup.py builds it with py_limited_api=True); the build queries are
+// operators too (torch.ops.tsvd.build_info, see ops.cpp), not pybind11 functions.
+#include <Python.h>
 
-namespace {
+#define TSVD_CONCAT2(a, b) a##b
+#define TSVD_CONCAT(a, b) TSVD_CONCAT2(a, b)
+#define TSVD_STR2(a) #a
+#define TSVD_STR(a) TSVD_STR2(a)
 
-bool has_cuda() {
-#ifdef TSVD_WITH_CUDA
-  return true;
-#else
-  return false;
-#endif
-}
-
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "tsvd compiled kernels (operators are registered under torch.ops.tsvd)";
-  m.def("has_cuda", &has_cuda, "whether CUDA kernels were compiled in");
-  m.def("num_threads", []() { return at::get_num_threads(); });
-  m.def("parallel_info", []() { return at::get_parallel_info(); });
-#ifdef _OPENMP
-  m.attr("openmp") = true;
-#else
-  m.attr("openmp") = false;
-#endif
-#if defined(__AVX512F__)
-  m.attr("simd") = "avx512";
-#elif defined(__AVX2__)
-  m.attr("simd") = "avx2";
-#else
-  m.attr("simd") = "baseline";
-#endif
-#ifdef __VERSION__
-  m.attr("compiler") = __VERSION__;
-#endif
+extern "C" PyMODINIT_FUNC TSVD_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  static PyModuleDef def = {
+      PyModuleDef_HEAD_INIT,
+      TSVD_STR(TORCH_EXTENSION_NAME),  // m_name
+      "tsvd compiled kernels: importing this module registers torch.ops.tsvd.*",  // m_doc
+      -1,       // m_size: no per-interpreter state
+      nullptr,  // m_methods
+      nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&def);
 }

@@ -284,12 +284,15 @@ def test_missing_required_arguments(tmp_path, capsys, argv, named):
 
 
 def test_log_level_controls_messages(runs, tmp_path, capsys):
-    args = ["evaluate", "--data", runs["data"], "--checkpoint", runs["ft"], "--quiet"]
-    assert run(*args, "--out", tmp_path / "a") == 0
-    assert "test: Dice" in capsys.readouterr().err          # info (the default)
-    assert run(*args, "--out", tmp_path / "b", "--log-level", "warning") == 0
-    assert "Dice" not in capsys.readouterr().err
-    assert run("--log-level", "error", *args, "--out", tmp_path / "c") == 0
+    img, _ = make_case(3, shape=(20, 22, 18))
+    src = tmp_path / "in.nii.gz"
+    nib.save(nib.Nifti1Image(img, AFFINE), str(src))
+    args = ["predict", "--checkpoint", runs["ft"], "--input", src, "--quiet"]
+    assert run(*args, "--output", tmp_path / "a.nii.gz") == 0
+    assert "wrote 1 prediction(s)" in capsys.readouterr().err      # info (the default)
+    assert run(*args, "--output", tmp_path / "b.nii.gz", "--log-level", "warning") == 0
+    assert "wrote" not in capsys.readouterr().err
+    assert run("--log-level", "error", *args, "--output", tmp_path / "c.nii.gz") == 0
     assert capsys.readouterr().err == ""
 
 

@@ -77,7 +77,7 @@ class FakeTrainer:
                 "model_parameters": 5000, "best_val_dice": _score(cfg, "val"),
                 "final_val_dice": 0.5, "artefact": str(art)}
 
-    def evaluate(self, cfg, checkpoint, out, *, split, overwrite, log, progress):
+    def evaluate(self, cfg, checkpoint, out, *, split, overwrite, progress):
         self.eval_calls.append((copy.deepcopy(cfg), str(checkpoint), split))
         d = _score(cfg, "test")
         res = {"dice": {"mean": d, "std": 0.01, "n": 3, "n_nan": 0},

@@ -5,7 +5,20 @@ float64 (tight) and float32 (loose) over odd and even n3, n3 = 1 and 2, n1 != n2
 rank 1, batches, non-contiguous inputs and a missing residual; gradients are checked
 with gradcheck in float64 through the public API; opcheck covers the registration
 (schema, fake kernels, autograd) and one test runs the hot path under torch.compile.
+
+The CPU tile loops exist once per instruction set (baseline, AVX2, AVX-512; chosen at
+run time, csrc/cpu/isa.h): the comparisons with the reference run on every path this
+CPU supports, and the built library is checked for AVX instructions outside those paths
+(a portable build must not die with an illegal instruction on an older CPU).
 """
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -16,6 +29,16 @@ if not _ext.available("cpu"):
     pytest.skip(f"tsvd._C is not built: {_ext.build_info().get('error')}", allow_module_level=True)
 
 OPS = torch.ops.tsvd
+INFO = _ext.build_info()
+ISAS = INFO["cpu_isas_supported"]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Runs the test body on one CPU path (``tsvd._ext.use_cpu_isa``)."""
+    with _ext.use_cpu_isa(request.param):
+        assert _ext.build_info()["cpu_isa"] == request.param
+        yield request.param
 
 # (B, n3, n1, n2, r)
 SHAPES = [
@@ -28,6 +51,7 @@ SHAPES = [
     (1, 5, 3, 4, 5),       # odd rank (padded internally)
     (1, 12, 6, 200, 9),    # several column chunks
     (1, 65, 4, 70, 3),     # long tube: pocketfft path of tube_rfft/irfft
+    (1, 48, 5, 700, 3),    # several column chunks (kChunkBytes) on every ISA and dtype
 ]
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 
@@ -55,7 +79,7 @@ def factors(B, n3, n1, n2, r, dtype, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_treconstruct_forward(shape, dtype):
+def test_treconstruct_forward(shape, dtype, isa):
     U, S, V, R = factors(*shape, dtype)
     d = lambda t: t.double()  # noqa: E731
     want = ref.treconstruct(d(U), d(S), d(V), d(R))
@@ -68,7 +92,7 @@ def test_treconstruct_forward(shape, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_treconstruct_backward(shape, dtype):
+def test_treconstruct_backward(shape, dtype, isa):
     U, S, V, R = factors(*shape, dtype, seed=1)
     G = torch.randn_like(R)
     Ud, Sd, Vd = (t.double().requires_grad_() for t in (U, S, V))
@@ -81,7 +105,7 @@ def test_treconstruct_backward(shape, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_tube_dft_and_tprod(shape, dtype):
+def test_tube_dft_and_tprod(shape, dtype, isa):
     B, n3, n1, n2, r = shape
     X = torch.randn(B, n3, n1, n2, dtype=torch.float64).to(dtype)
     Xh = OPS.tube_rfft(X)
@@ -97,7 +121,7 @@ def test_tube_dft_and_tprod(shape, dtype):
     assert rel(got, want) < TOL[dtype]
 
 
-def test_non_contiguous_inputs():
+def test_non_contiguous_inputs(isa):
     B, n3, n1, n2, r = 2, 10, 13, 21, 4
     U = torch.randn(B, n3, r, n1, dtype=torch.float64).transpose(-1, -2)
     S = torch.randn(B, r, n3, dtype=torch.float64).transpose(-1, -2)
@@ -202,10 +226,113 @@ def test_torch_compile_hot_path(one_thread):
 def test_build_info_and_availability():
     info = _ext.build_info()
     assert info["built"] is True and info["error"] is None
-    assert info["with_cuda"] == bool(_ext._C.has_cuda())
+    assert info["cpu_isa_error"] is None
     assert _ext.available("cpu")
     assert _ext.available("cuda") == (info["with_cuda"] and torch.cuda.is_available())
     assert not _ext.available("meta")
+    assert "baseline" in info["cpu_isas_supported"]
+    assert set(info["cpu_isas_supported"]) <= set(info["cpu_isas_compiled"])
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert info["cpu_isas_compiled"] == ["baseline", "avx2", "avx512"]
+        # the default is the best path this CPU has (unless TSVD_CPU_ISA says otherwise)
+        if os.environ.get("TSVD_CPU_ISA", "auto") == "auto":
+            assert info["cpu_isa"] == info["cpu_isas_supported"][-1]
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else None
+    if flags is not None and "avx512" in info["cpu_isas_compiled"]:
+        has512 = all(re.search(rf"\b{f}\b", flags) for f in ("avx512f", "avx512vl", "avx512dq", "avx512bw"))
+        assert ("avx512" in info["cpu_isas_supported"]) == has512
+        has2 = bool(re.search(r"\bavx2\b", flags) and re.search(r"\bfma\b", flags))
+        assert ("avx2" in info["cpu_isas_supported"]) == has2
+
+
+def test_cpu_isa_choice_errors_and_restore():
+    before = _ext.build_info()["cpu_isa"]
+    with pytest.raises(RuntimeError, match="expected one of auto, baseline, avx2, avx512, got 'sse9'"):
+        _ext.set_cpu_isa("sse9")
+    with pytest.raises(TypeError, match="isa"):
+        _ext.set_cpu_isa(2)
+    assert _ext.build_info()["cpu_isa"] == before
+    with _ext.use_cpu_isa("baseline"):
+        assert _ext.build_info()["cpu_isa"] == "baseline"
+    assert _ext.build_info()["cpu_isa"] == before
+    for name in ("avx2", "avx512"):
+        if name not in ISAS:
+            with pytest.raises(RuntimeError, match=name):
+                _ext.set_cpu_isa(name)
+
+
+def test_cpu_isa_environment_variable(tmp_path):
+    """TSVD_CPU_ISA chooses the path at start-up; a bad value is reported, not ignored."""
+    code = ("import json, torch, tsvd, tsvd._ext; x = torch.randn(1, 6, 3, 17, dtype=torch.float64); "
+            "d = (torch.ops.tsvd.tube_rfft(x) - torch.fft.rfft(x, dim=1)).abs().max().item(); "
+            "print(json.dumps([tsvd.build_info()['cpu_isa'], d]))")
+    env = dict(os.environ, TSVD_CPU_ISA="baseline")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    isa, err = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert isa == "baseline" and err < 1e-12
+    env["TSVD_CPU_ISA"] = "sse9"
+    code = ("import torch, tsvd, tsvd._ext; print(tsvd.build_info()['cpu_isa_error']); "
+            "torch.ops.tsvd.tube_rfft(torch.randn(1, 4, 2, 2))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "TSVD_CPU_ISA: expected one of auto, baseline, avx2, avx512, got 'sse9'" in proc.stdout
+    assert "TSVD_CPU_ISA" in proc.stderr
+
+
+def test_limited_api_module_without_pybind11():
+    """tsvd._C is an empty module of the stable Python API (named _C.abi3.so) that does not
+    link libtorch_python: the build queries are operators."""
+    path = _ext._C.__file__
+    assert INFO["limited_api"] is True
+    assert path.endswith(".abi3.so") or path.endswith(".pyd"), path
+    assert [n for n in dir(_ext._C) if not n.startswith("__")] == []
+    assert json.loads(OPS.build_info()) == {k: v for k, v in _ext.build_info().items()
+                                            if k not in ("built", "error", "path", "simd")}
+    if shutil.which("readelf") and path.endswith(".so"):
+        dyn = subprocess.run(["readelf", "-d", "-W", path], capture_output=True, text=True).stdout
+        needed = re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", dyn)
+        assert needed and not [n for n in needed if "torch_python" in n or "python3" in n], needed
+        syms = subprocess.run(["nm", "-D", "-C", path], capture_output=True, text=True).stdout
+        assert "pybind11" not in syms
+
+
+_AVX = re.compile(r"%[yz]mm\d|%k[0-7]\b")
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("objdump") is None,
+                    reason="x86-64 with binutils' objdump only")
+def test_no_avx_outside_the_dispatched_paths():
+    """Every function of tsvd._C that uses AVX/AVX-512 instructions (VEX/EVEX mnemonics,
+    ymm/zmm/mask registers) belongs to the AVX2 or AVX-512 tile loops: their own namespace
+    or a kernel template instantiated with their vector type. (With TSVD_NATIVE=1 the whole
+    library is built for this CPU, so the check does not apply.)"""
+    if INFO["native"]:
+        pytest.skip("built with TSVD_NATIVE=1 (-march=native)")
+    dis = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", _ext._C.__file__],
+                         capture_output=True, text=True, check=True).stdout
+    avx_types = ("float __vector(8)", "float __vector(16)", "double __vector(4)", "double __vector(8)")
+    fn, seen, bad = None, set(), set()
+    for line in dis.splitlines():
+        m = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if m:
+            fn = m.group(1)
+            continue
+        parts = line.split("\t")
+        if fn is None or len(parts) < 2:
+            continue
+        ins = parts[1].strip()
+        mnem = ins.split(" ")[0]
+        if _AVX.search(ins) or (mnem.startswith("v") and mnem not in ("verr", "verw")):
+            seen.add(fn)
+            if not ("::avx2::" in fn or "::avx512::" in fn or any(t in fn for t in avx_types)):
+                bad.add(fn)
+    assert not bad, sorted(bad)[:10]
+    # the dispatched paths really are in the library (else the check above proves nothing)
+    assert any("::avx512::trec_forward<float>" in f for f in seen)
+    assert any("::avx2::trec_forward<float>" in f for f in seen)
 
 
 def test_bad_input_is_rejected():

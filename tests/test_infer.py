@@ -180,3 +180,21 @@ def test_load_for_inference_of_a_plain_model_file(tmp_path):
         I.load_for_inference(tmp_path / "nope.safetensors")
     with pytest.raises(RunError, match="no run.json"):
         I.load_for_inference(tmp_path)
+
+
+def test_an_unreadable_adapter_header_is_an_error_not_a_model_file(tmp_path):
+    """An adapter file whose header the library refuses (old format, edited) is reported as
+    such, not loaded as if it were a plain model checkpoint."""
+    import json as _json
+
+    import pytest as _pytest
+    from safetensors.torch import save_file
+
+    from tsvd.peft.seg.infer import load_for_inference
+    from tsvd.peft.seg.runtime import RunError
+    path = tmp_path / "adapter_last.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path),
+              metadata={"tsvd_peft": _json.dumps({"format_version": 1, "method": "lorapt",
+                                                  "config": {}}), "format": "pt"})
+    with _pytest.raises(RunError, match="adapter_last.safetensors: .*format 1"):
+        load_for_inference(path)

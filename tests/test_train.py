@@ -368,14 +368,14 @@ def test_finetune_records_and_evaluate_applies_postprocessing(tiny_data, tmp_pat
     T.train(cfg, tmp_path / "run", **quiet)
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["infer"] == {"tta_flip": [0], "keep_components": 2}
-    ev = I.evaluate(_cfg(tiny_data), tmp_path / "run", tmp_path / "ev", **quiet)
+    ev = I.evaluate(_cfg(tiny_data), tmp_path / "run", tmp_path / "ev", progress=False)
     assert ev["infer"] == {"tta_flip": [0], "keep_components": 2}
     over = _cfg(tiny_data)
     over["infer"] = {"tta_flip": [], "keep_components": None}
-    ev2 = I.evaluate(over, tmp_path / "run", tmp_path / "ev2", **quiet)
+    ev2 = I.evaluate(over, tmp_path / "run", tmp_path / "ev2", progress=False)
     assert ev2["infer"] == {"tta_flip": [], "keep_components": 2}
     bad = _cfg(tiny_data)
     bad["infer"] = {"tta_flip": None, "keep_components": -2}
     with pytest.raises(ValueError, match=r"infer\.keep_components"):
-        I.evaluate(bad, tmp_path / "run", tmp_path / "ev3", **quiet)
+        I.evaluate(bad, tmp_path / "run", tmp_path / "ev3", progress=False)
     assert not (tmp_path / "ev3").exists()

@@ -13,10 +13,17 @@ flattened to one leading dim ``B`` (``tsvd._api`` does the flattening):
 * ``tube_rfft(X (B,n3,n1,n2))`` -> complex ``(B,n3//2+1,n1,n2)`` (``torch.fft.rfft(X, dim=1)``).
 * ``tube_irfft(Xh (B,nf,n1,n2), n3)`` -> real ``(B,n3,n1,n2)`` (``torch.fft.irfft(Xh, n=n3, dim=1)``).
 
+Two more ops describe the build (``tsvd._C`` itself is an empty limited-API module):
+``build_info() -> str`` (JSON, parsed by :func:`build_info`) and
+``_set_cpu_isa(str) -> str`` (wrapped by :func:`set_cpu_isa`).
+
 Importing this module never fails when ``_C`` is missing or broken: :func:`available`
 then answers False and :func:`build_info` says why.
 """
 from __future__ import annotations
+
+import contextlib
+import json
 
 import torch
 
@@ -27,8 +34,12 @@ except Exception as e:  # not built, or built against another torch
     _C = None
     _ERR = e
 
-__all__ = ["available", "build_info", "treconstruct", "treconstruct_backward", "tprod",
+__all__ = ["available", "build_info", "set_cpu_isa", "use_cpu_isa", "treconstruct", "treconstruct_backward", "tprod",
            "tube_rfft", "tube_irfft"]
+
+
+def _info() -> dict:
+    return json.loads(torch.ops.tsvd.build_info())
 
 
 def available(device) -> bool:
@@ -39,20 +50,52 @@ def available(device) -> bool:
     if dev.type == "cpu":
         return True
     if dev.type == "cuda":
-        return bool(_C.has_cuda()) and torch.cuda.is_available()
+        return bool(_info()["with_cuda"]) and torch.cuda.is_available()
     return False
 
 
 def build_info() -> dict:
-    """How the extension was built: ``built``, ``with_cuda``, ``error`` (why it did not
-    load), ``openmp``, ``threads``, ``simd``, ``compiler``, ``parallel_info``."""
+    """How the extension was built and which CPU path runs.
+
+    Keys: ``built``, ``error`` (why it did not load), ``path``, ``with_cuda``, ``openmp``,
+    ``threads``, ``parallel_info``, ``compiler``; ``native`` (built with TSVD_NATIVE=1,
+    i.e. ``-march=native``), ``limited_api`` (built against the stable Python API);
+    ``cpu_isa`` (the instruction set of the CPU tile loops in use now: ``"baseline"``,
+    ``"avx2"`` or ``"avx512"``, chosen at run time, see :func:`set_cpu_isa`),
+    ``cpu_isa_error`` (a bad ``TSVD_CPU_ISA``), ``cpu_isas_supported`` (compiled in and
+    runnable on this CPU), ``cpu_isas_compiled``, ``compiler_flags_isa`` (what the
+    compiler flags alone allow: ``"baseline"`` unless native), and ``simd`` (= ``cpu_isa``,
+    the name older versions used).
+    """
     if _C is None:
         return {"built": False, "with_cuda": False,
                 "error": f"{type(_ERR).__name__}: {_ERR}" if _ERR is not None else None}
-    return {"built": True, "with_cuda": bool(_C.has_cuda()), "error": None,
-            "openmp": bool(getattr(_C, "openmp", False)), "threads": int(_C.num_threads()),
-            "simd": getattr(_C, "simd", None), "compiler": getattr(_C, "compiler", None),
-            "parallel_info": _C.parallel_info(), "path": getattr(_C, "__file__", None)}
+    info = {"built": True, "error": None, "path": getattr(_C, "__file__", None)}
+    info.update(_info())
+    info["simd"] = info["cpu_isa"]
+    return info
+
+
+def set_cpu_isa(isa: str) -> str:
+    """Choose the CPU tile loops: ``"auto"`` (the best this CPU supports, the default),
+    ``"baseline"``, ``"avx2"`` or ``"avx512"``. Returns the previous choice. Raises
+    RuntimeError naming the supported ones when ``isa`` is unknown or this CPU (or build)
+    lacks it. The environment variable ``TSVD_CPU_ISA`` sets the initial choice."""
+    if _C is None:
+        raise RuntimeError(f"tsvd._C is not built: {build_info()['error']}")
+    if not isinstance(isa, str):
+        raise TypeError(f"isa: expected a str (auto, baseline, avx2, avx512), got {type(isa).__name__}")
+    return torch.ops.tsvd._set_cpu_isa(isa)
+
+
+@contextlib.contextmanager
+def use_cpu_isa(isa: str):
+    """``with use_cpu_isa("baseline"):`` runs the CPU kernels on that path, then restores."""
+    old = set_cpu_isa(isa)
+    try:
+        yield
+    finally:
+        set_cpu_isa(old)
 
 
 # --------------------------------------------------------------------------------------

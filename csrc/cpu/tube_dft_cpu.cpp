@@ -17,7 +17,7 @@
 
 #include "cpu_ops.h"
 #include "../kernels/dft.h"
-#include "simd.h"
+#include "isa.h"
 
 namespace tsvd {
 namespace cpu {
@@ -33,148 +33,51 @@ namespace {
 constexpr int64_t kDftMaxN3Forward = 64;
 constexpr int64_t kDftMaxN3Inverse = 64;
 
-template <typename T> struct DftTile {
-  using V = typename Simd<T>::type;
-  static constexpr int NV = 1, JB = NV * int(sizeof(V) / sizeof(T)), TB = 4, FB = 4;
-};
-
-// Both kernels work on chunks of CJ tiles of the flattened (n1*n2) plane, in two phases
+// Both DFTs work on chunks of CJ tiles of the flattened (n1*n2) plane, in two phases
 // with a per-thread buffer of the chunk's spectrum (<= kChunkBytes): the real-space
 // side is streamed with t outermost (runs of CJ*JB contiguous elements per t), the
-// spectrum side with f outermost.
-constexpr int64_t kChunkBytes = 512 * 1024;
+// spectrum side with f outermost. The loops are in tile_loops.h (per ISA, isa.h).
 
 template <typename T>
-void rfft_kernel(const T* x, T* out /* interleaved complex (B,nf,P,2) */, int64_t B, int64_t n3,
-                 int64_t P) {
-  using V = typename DftTile<T>::V;
-  constexpr int NV = DftTile<T>::NV, JB = DftTile<T>::JB, TB = DftTile<T>::TB, FB = DftTile<T>::FB;
-  const int64_t nf = n_freq(n3), nt = n3 / 2 + 1, h = n_pairs(n3);
+void rfft_run(const T* x, T* out /* interleaved complex (B,nf,P,2) */, int64_t B, int64_t n3,
+              int64_t P) {
+  const Kernels<T>& K = kernels<T>();
+  const int64_t JB = K.jb;
+  const int64_t nf = n_freq(n3), nt = n3 / 2 + 1;
   std::vector<T> fc(nt * nf), fs(nt * nf);
   make_dft_tables<T>(n3, DftScale::kUnit, fc.data(), fs.data());
-  const T* fcp = fc.data();
-  const T* fsp = fs.data();
   const int64_t ntile = (P + JB - 1) / JB;
   const int64_t cj = std::max<int64_t>(1, std::min<int64_t>(ntile, kChunkBytes / (nf * 2 * JB * int64_t(sizeof(T)))));
   const int64_t nchunk = (ntile + cj - 1) / cj;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (cj * JB * n3));
+  const RfftArgs<T> p{x, fc.data(), fs.data(), out, B, n3, P, cj};
+  const int64_t scratch = 2 * cj * nf * JB + 2 * nt * JB + n3 * JB;
   at::parallel_for(0, B * nchunk, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> xrb(cj * nf * JB), xib(cj * nf * JB), work(2 * nt * JB), tin(n3 * JB, T(0));
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / nchunk, q0 = (task % nchunk) * cj;
-      const int64_t nq = std::min<int64_t>(cj, ntile - q0);
-      const bool tail = (q0 + nq == ntile) && (P % JB != 0);
-      const int64_t nfull = tail ? nq - 1 : nq;
-      const T* xb = x + b * n3 * P;
-      for (int64_t q = 0; q < nfull; ++q)
-        rdft_real_accum<T, V, NV>(nf, 0, fcp, xb + (q0 + q) * JB, xrb.data() + q * nf * JB,
-                                  xib.data() + q * nf * JB, true);
-      int64_t t = 1;
-      for (; t + TB - 1 <= h; t += TB)
-        for (int64_t q = 0; q < nfull; ++q)
-          rdft_pairs_accum<T, V, NV, TB>(n3, nf, t, fcp, fsp, xb + (q0 + q) * JB, P,
-                                         xrb.data() + q * nf * JB, xib.data() + q * nf * JB);
-      for (; t <= h; ++t)
-        for (int64_t q = 0; q < nfull; ++q)
-          rdft_pairs_accum<T, V, NV, 1>(n3, nf, t, fcp, fsp, xb + (q0 + q) * JB, P,
-                                        xrb.data() + q * nf * JB, xib.data() + q * nf * JB);
-      if (n3 % 2 == 0 && n3 > 1)
-        for (int64_t q = 0; q < nfull; ++q)
-          rdft_real_accum<T, V, NV>(nf, n3 / 2, fcp, xb + (n3 / 2) * P + (q0 + q) * JB,
-                                    xrb.data() + q * nf * JB, xib.data() + q * nf * JB, false);
-      if (tail) {
-        const int64_t q = nq - 1, w = P - (q0 + q) * JB;
-        for (int64_t tt = 0; tt < n3; ++tt)
-          std::memcpy(tin.data() + tt * JB, xb + tt * P + (q0 + q) * JB, w * sizeof(T));
-        rdft_tile<T, V, NV, FB>(n3, fcp, fsp, tin.data(), JB, work.data(), xrb.data() + q * nf * JB,
-                                xib.data() + q * nf * JB);
-      }
-      for (int64_t f = 0; f < nf; ++f)
-        for (int64_t q = 0; q < nq; ++q) {
-          const int64_t p0 = (q0 + q) * JB, w = std::min<int64_t>(JB, P - p0);
-          T* o = out + ((b * nf + f) * P + p0) * 2;
-          const T* a = xrb.data() + (q * nf + f) * JB;
-          const T* c = xib.data() + (q * nf + f) * JB;
-          for (int64_t j = 0; j < w; ++j) { o[2 * j] = a[j]; o[2 * j + 1] = c[j]; }
-        }
-    }
+    std::vector<T> buf(scratch, T(0));
+    K.rfft(p, begin, end, buf.data());
   });
 }
 
 // xh: interleaved complex with strides (in T units) sb, sf, s1, s2 for (B, nf, n1, n2): any
 // layout is read directly (torch.fft.rfft along dim 1 returns f as the fastest dim).
 template <typename T>
-void irfft_kernel(const T* xh, int64_t sb, int64_t sf, int64_t s1, int64_t s2, T* out, int64_t B,
-                  int64_t n3, int64_t n2, int64_t P) {
-  using V = typename DftTile<T>::V;
-  constexpr int NV = DftTile<T>::NV, JB = DftTile<T>::JB, TB = DftTile<T>::TB;
-  const int64_t nf = n_freq(n3), nt = n3 / 2 + 1, h = n_pairs(n3);
+void irfft_run(const T* xh, int64_t sb, int64_t sf, int64_t s1, int64_t s2, T* out, int64_t B,
+               int64_t n3, int64_t n2, int64_t P) {
+  const Kernels<T>& K = kernels<T>();
+  const int64_t JB = K.jb;
+  const int64_t nf = n_freq(n3), nt = n3 / 2 + 1;
   std::vector<T> ic(nt * nf), is(nt * nf);
   make_dft_tables<T>(n3, DftScale::kIrfft, ic.data(), is.data());
-  const T* icp = ic.data();
-  const T* isp = is.data();
   const int64_t ntile = (P + JB - 1) / JB;
   const int64_t cj = std::max<int64_t>(1, std::min<int64_t>(ntile, kChunkBytes / (nf * 2 * JB * int64_t(sizeof(T)))));
   const int64_t nchunk = (ntile + cj - 1) / cj;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (cj * JB * n3));
+  const IrfftArgs<T> p{xh, ic.data(), is.data(), out, sb, sf, s1, s2, B, n3, n2, P, cj};
+  const int64_t scratch = 2 * cj * nf * JB + n3 * JB;
   at::parallel_for(0, B * nchunk, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> yrb(cj * nf * JB, T(0)), yib(cj * nf * JB, T(0)), tout(n3 * JB);
+    std::vector<T> buf(scratch, T(0));
     std::vector<int64_t> offs(cj * JB);
-    const bool f_inner = std::abs(sf) < std::abs(s2);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / nchunk, q0 = (task % nchunk) * cj;
-      const int64_t nq = std::min<int64_t>(cj, ntile - q0);
-      const bool tail = (q0 + nq == ntile) && (P % JB != 0);
-      const int64_t nfull = tail ? nq - 1 : nq;
-      const int64_t np = std::min<int64_t>(nq * JB, P - q0 * JB);
-      for (int64_t p = 0; p < np; ++p) {
-        const int64_t pp = q0 * JB + p;
-        offs[p] = b * sb + (pp / n2) * s1 + (pp % n2) * s2;
-      }
-      if (np < nq * JB) {
-        std::fill(yrb.begin() + (nq - 1) * nf * JB, yrb.begin() + nq * nf * JB, T(0));
-        std::fill(yib.begin() + (nq - 1) * nf * JB, yib.begin() + nq * nf * JB, T(0));
-      }
-      if (f_inner) {
-        for (int64_t p = 0; p < np; ++p) {
-          const T* s = xh + offs[p];
-          T* a = yrb.data() + (p / JB) * nf * JB + p % JB;
-          T* c = yib.data() + (p / JB) * nf * JB + p % JB;
-          for (int64_t f = 0; f < nf; ++f) { a[f * JB] = s[f * sf]; c[f * JB] = s[f * sf + 1]; }
-        }
-      } else {
-        for (int64_t f = 0; f < nf; ++f)
-          for (int64_t p = 0; p < np; ++p) {
-            const T* s = xh + offs[p] + f * sf;
-            const int64_t o = ((p / JB) * nf + f) * JB + p % JB;
-            yrb[o] = s[0];
-            yib[o] = s[1];
-          }
-      }
-      T* ob = out + b * n3 * P + q0 * JB;
-      for (int64_t q = 0; q < nfull; ++q)
-        irdft_real_row<T, V, NV>(nf, 0, icp, yrb.data() + q * nf * JB, nullptr, 0, ob + q * JB, P);
-      int64_t t = 1;
-      for (; t + TB - 1 <= h; t += TB)
-        for (int64_t q = 0; q < nfull; ++q)
-          irdft_pairs_block<T, V, NV, TB>(n3, nf, t, icp, isp, yrb.data() + q * nf * JB,
-                                          yib.data() + q * nf * JB, nullptr, 0, ob + q * JB, P);
-      for (; t <= h; ++t)
-        for (int64_t q = 0; q < nfull; ++q)
-          irdft_pairs_block<T, V, NV, 1>(n3, nf, t, icp, isp, yrb.data() + q * nf * JB,
-                                         yib.data() + q * nf * JB, nullptr, 0, ob + q * JB, P);
-      if (n3 % 2 == 0 && n3 > 1)
-        for (int64_t q = 0; q < nfull; ++q)
-          irdft_real_row<T, V, NV>(nf, n3 / 2, icp, yrb.data() + q * nf * JB, nullptr, 0,
-                                   ob + q * JB, P);
-      if (tail) {
-        const int64_t q = nq - 1, w = P - (q0 + q) * JB;
-        irdft_tile<T, V, NV, TB>(n3, icp, isp, yrb.data() + q * nf * JB, yib.data() + q * nf * JB,
-                                 nullptr, 0, tout.data(), JB);
-        for (int64_t tt = 0; tt < n3; ++tt)
-          std::memcpy(ob + q * JB + tt * P, tout.data() + tt * JB, w * sizeof(T));
-      }
-    }
+    K.irfft(p, begin, end, buf.data(), offs.data());
   });
 }
 
@@ -192,7 +95,7 @@ at::Tensor tube_rfft(const at::Tensor& X) {
   if (out.numel() == 0) return out;
   auto x = X.contiguous();
   AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "tsvd_tube_rfft_cpu", [&] {
-    rfft_kernel<scalar_t>(x.data_ptr<scalar_t>(), at::view_as_real(out).data_ptr<scalar_t>(), B,
+    rfft_run<scalar_t>(x.data_ptr<scalar_t>(), at::view_as_real(out).data_ptr<scalar_t>(), B,
                           n3, n1 * n2);
   });
   return out;
@@ -213,7 +116,7 @@ at::Tensor tube_irfft(const at::Tensor& Xh, int64_t n3) {
   if (out.numel() == 0) return out;
   auto xr = at::view_as_real(Xh.resolve_conj());
   AT_DISPATCH_FLOATING_TYPES(rt, "tsvd_tube_irfft_cpu", [&] {
-    irfft_kernel<scalar_t>(xr.data_ptr<scalar_t>(), xr.stride(0), xr.stride(1), xr.stride(2),
+    irfft_run<scalar_t>(xr.data_ptr<scalar_t>(), xr.stride(0), xr.stride(1), xr.stride(2),
                            xr.stride(3), out.data_ptr<scalar_t>(), B, n3, n2, n1 * n2);
   });
   return out;

@@ -272,6 +272,17 @@ def _read_json(p: Path):
         raise RunError(f"{p}: unreadable ({e})") from None
 
 
+def _is_adapter_file(path) -> bool:
+    """Whether a safetensors file carries a tsvd.peft adapter header (unreadable files are
+    left to the loader that reports them)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return "tsvd_peft" in (f.metadata() or {})
+    except Exception:
+        return False
+
+
 def load_for_inference(checkpoint, cfg=None):
     """(model in eval mode on the CPU, run info) from a run folder, an adapter file or a model
     file (``model_*.safetensors`` incl. training's weight average ``model_avg.safetensors``,
@@ -312,10 +323,11 @@ def load_for_inference(checkpoint, cfg=None):
     model = build_model(mcfg)
     meta = None
     if ck.name.endswith(".safetensors"):
-        try:
-            meta = tsvd.peft.read_adapter_meta(str(ck))
-        except Exception:      # a model file: no adapter header
-            meta = None
+        if _is_adapter_file(ck):               # else a model file: no adapter header
+            try:
+                meta = tsvd.peft.read_adapter_meta(str(ck))
+            except ValueError as e:            # an old format, an edited header, ...
+                raise RunError(f"{ck}: {e}") from None
     if meta and meta.get("method"):
         base = meta.get("base_checkpoint")
         if not base:

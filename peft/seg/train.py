@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import os
 import sys
@@ -226,8 +227,11 @@ def _val_dice(model, items, patch, overlap, device, amp, opts) -> float:
 # training
 # ------------------------------------------------------------------------------------------
 def train(cfg: dict, out, *, task: str = "finetune", overwrite: bool = False,
-          resume: bool = False, log=print, progress: bool = True) -> dict:
+          resume: bool = False, log=None, progress: bool = True) -> dict:
     """Train one run into folder ``out``; returns the summary dict (also ``summary.json``).
+
+    ``cfg``: a :class:`~tsvd.peft.seg.config.RunConfig` or a dict in ``config.yaml``'s layout.
+    Messages go to the ``tsvd.peft.seg`` logger, or to ``log(message)`` when given.
 
     ``task``: ``"pretrain"`` (all parameters, no adapter, saves model_*.safetensors) or
     ``"finetune"`` (``cfg["method"]``: lorapt, lora, pissa, full, decoder).
@@ -235,6 +239,7 @@ def train(cfg: dict, out, *, task: str = "finetune", overwrite: bool = False,
     from tqdm.auto import tqdm
     out = Path(out)
     t_start = time.time()
+    log = log or logging.getLogger("tsvd.peft.seg").info    # messages: logging by default
     if task not in ("pretrain", "finetune"):
         raise RunError(f"task: expected pretrain or finetune, got {task!r}")
     rc = cfg if isinstance(cfg, RunConfig) else RunConfig.from_dict(cfg)
