@@ -141,10 +141,11 @@ def tsvd(X: torch.Tensor, k: int | None = None, *, transform="fft", method: str 
             approximation of X (Eckart-Young, per slice), to within ``tol`` (below).
         method: ``"full"`` (a full SVD of every slice), ``"randomized"`` (subspace iteration
             with Rayleigh-Ritz whose cost grows with k, checked per slice against the
-            contract below; a cost model sends slices to the full SVD where that is cheaper,
-            decided before iterating or, for a slice whose measured convergence is too slow,
-            after 3 iterations), or ``"auto"`` (the randomized method where its cost model
-            prefers it, the full SVD otherwise and whenever X requires grad).
+            contract below, up to 40 iterations; a slice that does not meet it then, or
+            whose measured convergence rate predicts that it will not, gets a full SVD), or
+            ``"auto"`` (the default: a cost model measured on a 2-core CPU,
+            :func:`tsvd._lowrank.plan`, decides up front between the two and caps the
+            iterations at the cost of a full SVD; the full SVD whenever X requires grad).
         oversample: randomized method's extra subspace columns, ``l = k + oversample``
             (default None: ``k + 32``, see :func:`tsvd._lowrank.auto_oversample`).
         tol: randomized method's accuracy contract (default 1e-4 for float32/float16/
@@ -193,6 +194,7 @@ def tsvd(X: torch.Tensor, k: int | None = None, *, transform="fft", method: str 
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator or None, got "
                         f"{type(generator).__name__}")
+    cost_model = method == "auto"
     if method == "auto":
         method = "full"
         if k is not None and not (torch.is_grad_enabled() and X.requires_grad):
@@ -208,7 +210,7 @@ def tsvd(X: torch.Tensor, k: int | None = None, *, transform="fft", method: str 
     if method == "randomized":
         from ._lowrank import hat_topk_svd
         uh, sh, vh = hat_topk_svd(xh, k, tr, n3, oversample=oversample, tol=tol,
-                                  generator=generator)
+                                  generator=generator, cost_model=cost_model)
     else:
         uh, sh, vh = ref.hat_svd(xh, tr, n3)
         if k is not None:

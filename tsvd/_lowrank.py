@@ -215,7 +215,7 @@ def _full(x, k):
 
 def topk_svd(x: torch.Tensor, k: int, *, oversample: int | None = None,
              tol: float | None = None, max_iter: int | None = None,
-             generator: torch.Generator | None = None):
+             generator: torch.Generator | None = None, cost_model: bool = True):
     """Top-k SVD of a batch of matrices ``x (..., n1, n2)`` (real or complex) meeting the
     contract (a), (b) of the module docstring per matrix.
 
@@ -228,6 +228,9 @@ def topk_svd(x: torch.Tensor, k: int, *, oversample: int | None = None,
         max_iter: cap on the iterations (the cost model may allow fewer).
         generator: source of the Gaussian start (default: a fresh generator seeded 0, so
             the result is deterministic).
+        cost_model: True: :func:`plan` decides up front between iterating and a full SVD and
+            sets the iteration budget. False: iterate whenever ``l < min(n1, n2)``, with a
+            budget of ``max_iter`` (default :data:`DEFAULT_MAX_ITER`) iterations.
     Returns:
         ``U (..., n1, k)``, ``S (..., k)`` real descending, ``V (..., n2, k)`` in x's dtype
         with ``x ≈ U diag(S) Vᴴ``, and an info dict (``iterations``, ``fallback``, ``full``,
@@ -247,7 +250,11 @@ def topk_svd(x: torch.Tensor, k: int, *, oversample: int | None = None,
     l = min(p, k + max(int(oversample), 1))
     xb = x.detach().reshape(-1, n1, n2)
     nb = xb.shape[0]
-    use_iter, budget = plan(n1, n2, k, l, dt.is_complex, max_iter)
+    if cost_model:
+        use_iter, budget = plan(n1, n2, k, l, dt.is_complex, max_iter)
+    else:
+        budget = DEFAULT_MAX_ITER if max_iter is None else int(max_iter)
+        use_iter = l < p and budget >= 1
     info = {"slices": nb, "iterations": 0, "fallback": 0, "full": 0, "est_a": 0.0,
             "est_b": 0.0, "l": l, "budget": budget}
     need_grad = torch.is_grad_enabled() and x.requires_grad
@@ -346,7 +353,8 @@ def _differentiable(x, Qs, fidx, k):
 
 def hat_topk_svd(xh: torch.Tensor, k: int, tr: Transform, n3: int, *,
                  oversample: int | None = None, tol: float | None = None,
-                 max_iter: int | None = None, generator: torch.Generator | None = None):
+                 max_iter: int | None = None, generator: torch.Generator | None = None,
+                 cost_model: bool = True):
     """Top-k SVD of every stored transform-domain slice, meeting the contract per slice.
 
     Args:
@@ -356,7 +364,7 @@ def hat_topk_svd(xh: torch.Tensor, k: int, tr: Transform, n3: int, *,
         tr, n3: the transform and the tube length (for the FFT the DC slice and, for even
             n3 > 1, the Nyquist slice are real and decomposed in real arithmetic, so that
             their singular vectors stay real, as in ``reference.hat_svd``).
-        oversample, tol, max_iter, generator: see :func:`topk_svd`.
+        oversample, tol, max_iter, generator, cost_model: see :func:`topk_svd`.
     Returns:
         ``Uh (..., m, n1, k)``, ``Sh (..., m, k)`` real descending, ``Vh (..., m, n2, k)``
         with ``X̂_f ≈ Uh_f diag(Sh_f) Vh_fᴴ``.
@@ -365,7 +373,8 @@ def hat_topk_svd(xh: torch.Tensor, k: int, tr: Transform, n3: int, *,
     m = xh.shape[-3]
     if generator is None:
         generator = torch.Generator(device=xh.device).manual_seed(0)
-    kw = dict(oversample=oversample, tol=tol, max_iter=max_iter, generator=generator)
+    kw = dict(oversample=oversample, tol=tol, max_iter=max_iter, generator=generator,
+              cost_model=cost_model)
     if not tr.is_complex:
         u, s, v, info = topk_svd(xh, k, **kw)
         _LAST_INFO = dict(info, parts=[info])
