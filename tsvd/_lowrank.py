@@ -74,6 +74,9 @@ DEFAULT_TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
 DEFAULT_MAX_ITER = 40
 #: iterations run before a slice may be sent to the full SVD on its measured rate
 MIN_ITERS = 3
+#: the sharper (eigenvalue) form of the a-posteriori bound is computed for slices whose
+#: cheap trace form is within this factor of tol
+SHARP_WITHIN = 100.0
 #: cost of a batched economy SVD per ``n1 n2 min(n1, n2)`` in units of one column of a
 #: batched product with X (``n1 n2`` multiply-adds at l ~ 32-64 columns), measured on the
 #: 2-core CPU of this project (torch 2.13): 768x768 complex64 11-32, float32 16; 3072x768
@@ -120,35 +123,106 @@ def plan(n1: int, n2: int, k: int, l: int, complex_: bool, max_iter: int | None 
     return budget >= MIN_ITERS + 1, max(budget, 0)
 
 
-def contract_bounds(sig: torch.Tensor, rn: torch.Tensor, k: int):
+def contract_bounds(sig: torch.Tensor, rn: torch.Tensor, k: int,
+                    gram: torch.Tensor | None = None, max_splits: int = 6):
     """Upper bounds on the contract errors from Ritz values and residuals.
 
     Args:
-        sig: ``(a, l)`` Ritz values, descending (float64).
-        rn: ``(a, l)`` residual norms ``‖X v_i - σ̂_i u_i‖``.
+        sig: ``(a, l)`` Ritz values σ̂, descending (float64).
+        rn: ``(a, l)`` residual norms ``r_m = ‖X v_m - σ̂_m u_m‖``.
         k: number of triplets kept (``k < l``).
+        gram: ``(a, l, l)`` Gram matrix ``G_mn = σ̂_m σ̂_n <res_m, res_n>`` of the scaled
+            residual vectors (the coupling of the Ritz vectors to the rest in ``X Xᴴ``), or
+            None to bound its eigenvalues by its trace.
+        max_splits: at most this many split points j (evenly spaced in ``k..l-1``) are tried.
     Returns:
-        ``(est_a, est_b)``, each ``(a,)``: bounds on (a) / ‖X_k‖_F² and (b) / σ_1 (see the
-        module docstring for the derivation and the one estimated quantity).
+        ``(est_a, est_b)``, each ``(a,)``: bounds on (a) / ‖X_k‖_F² and (b) / σ_1.
+
+    For a split j, in the basis (top-j Ritz vectors, their complement), ``H = X Xᴴ`` is
+    ``[[Θ_j, E_j], [E_jᴴ, B_j]]`` with ``Θ_j = diag(σ̂_1², ..., σ̂_j²)`` and ``E_j E_jᴴ = G[:j, :j]``
+    (the residuals are orthogonal to the whole subspace). For every t > 0,
+    ``H ≼ blkdiag(Θ_j + E_j E_jᴴ / t, B_j + t I)`` (the difference is a Gram matrix), hence
+    with ``μ_j >= ‖B_j‖``::
+
+        σ_i² - σ̂_i²              <= max(‖G_j‖ / t, μ_j + t - σ̂_i²)          (i <= k)
+        Σ_{i<=k} (σ_i² - σ̂_i²)   <= KyFan_k(G_j) / t + Σ_{i<=k} max(0, μ_j + t - σ̂_i²)
+
+    minimised over t (the first in closed form, ``2‖G_j‖ / (η + sqrt(η² + 4‖G_j‖))`` with
+    ``η = σ̂_i² - μ_j``) and over j. Bounds are quadratic in the residuals, and a split j > k
+    uses the oversampled gap σ̂_k vs σ̂_{j+1}. ``μ_j`` is *estimated* as
+    ``max_{m > j} (σ̂_m + r_m)²`` (each Ritz pair lies within r_m of a singular value; the part
+    of X outside the subspace is taken to be no larger than its Ritz pairs show).
     """
-    th = sig * sig
-    l = sig.shape[-1]
+    sig = sig.to(torch.float64)
+    rn = rn.to(torch.float64)
+    a, l = sig.shape
     tiny = torch.finfo(sig.dtype).tiny
-    r2 = torch.cumsum((sig * rn) ** 2, -1)                  # r2[..., j-1] = ρ_j²
+    th = sig * sig
+    # split points j: keep the top j Ritz triplets, k <= j <= l - 1
     js = torch.arange(k, l, device=sig.device)
-    rho2 = r2[..., js - 1][..., None, :]                    # (a, 1, J)
-    mu = ((sig[..., js] + rn[..., js]) ** 2)[..., None, :]  # (a, 1, J)
-    thi = th[..., :k, None]                                 # (a, k, 1)
-    eta = thi - mu
-    quad = 2 * rho2 / (eta + torch.sqrt(eta * eta + 4 * rho2)).clamp_min(tiny)
-    quad = torch.where(rho2 == 0, torch.zeros_like(quad), quad)
-    weyl = (mu - thi) + rho2.sqrt()
-    b = torch.where(eta > 0, quad, weyl).amin(-1)           # (a, k) bounds on σ_i² - σ̂_i²
-    head = th[..., :k].sum(-1)
-    num = b.sum(-1)
-    est_a = torch.where(num > 0, num / head.clamp_min(tiny), torch.zeros_like(num))
-    db = ((thi[..., 0] + b).sqrt() - sig[..., :k]).amax(-1)
-    s1 = sig[..., 0]
+    if js.numel() > max_splits:
+        js = js[torch.linspace(0, js.numel() - 1, max_splits, device=sig.device).round().long()]
+    J = js.numel()
+    # μ_j: suffix max of (σ̂_m + r_m)² over m >= j (0-based: the triplets not kept)
+    w = (sig + rn) ** 2
+    suff = w.flip(-1).cummax(-1).values.flip(-1)             # suff[:, m] = max_{m' >= m} w
+    mu = suff[:, js]                                         # (a, J)
+    gd = (sig * rn) ** 2                                     # diag(G): σ̂_m² r_m²
+    if gram is None:
+        tr = torch.cumsum(gd, -1)[:, js - 1]                 # tr(G_j) bounds both
+        lam1, kf, cn = tr, tr, torch.full_like(tr, float(l))
+    else:
+        g = gram.to(torch.complex128 if gram.is_complex() else torch.float64)
+        g = 0.5 * (g + g.mH)
+        gd = torch.diagonal(g, dim1=-2, dim2=-1).real.clamp_min(0)
+        mask = (torch.arange(l, device=sig.device)[None, :] < js[:, None]).to(gd.dtype)
+        m2 = mask[:, :, None] * mask[:, None, :]
+        sc = torch.where(gd > 0, gd.rsqrt(), torch.zeros_like(gd))
+        corr = g * (sc[:, :, None] * sc[:, None, :])         # unit diagonal where g_m > 0
+        with _one_thread():
+            ev = torch.linalg.eigvalsh(g[:, None] * m2).flip(-1).clamp_min(0)  # (a, J, l)
+            cn = torch.linalg.eigvalsh(corr[:, None] * m2)[..., -1].clamp_min(0)  # (a, J)
+        lam1, kf = ev[..., 0], ev[..., :k].sum(-1)
+    thk = th[:, None, :k]                                    # (a, 1, k)
+    # (b): per i, closed-form minimum over t, then the best split
+    eta = thk - mu[..., None]                                # (a, J, k)
+    l1 = lam1[..., None]
+    root = torch.sqrt(eta * eta + 4 * l1)
+    per_i = torch.where(eta > 0, 2 * l1 / (eta + root).clamp_min(tiny), 0.5 * (root - eta))
+    bi = per_i.amin(1)                                       # (a, k) bounds on σ_i² - σ̂_i²
+    # (a): candidates t = breakpoints σ̂_i² - μ_j and the stationary points sqrt(K / c)
+    c = torch.arange(1, k + 1, dtype=sig.dtype, device=sig.device)
+    cand = torch.cat([eta.clamp_min(tiny), torch.sqrt(kf[..., None] / c).clamp_min(tiny)], -1)
+    f = kf[..., None] / cand + torch.relu(mu[..., None, None] + cand[..., None]
+                                          - thk[:, :, None, :]).sum(-1)   # (a, J, 2k)
+    fa = torch.where(kf[..., None] > 0, f, torch.relu(mu[..., None, None] + cand[..., None]
+                                                      - thk[:, :, None, :]).sum(-1))
+    sum_a = torch.minimum(fa.amin((-2, -1)), bi.sum(-1))
+    if gram is None:
+        return _normalised(sig, th, k, bi, sum_a)
+    # Row-wise variant: G_j ≼ ‖C_j‖ diag(g) (C_j the correlation matrix of the residuals), so
+    # H ≼ blkdiag(diag(σ̂_m² + ‖C_j‖ g_m / t)_{m<=j}, (μ_j + t) I): the i-th eigenvalue is at
+    # most the i-th largest of those diagonal values, the top-k sum at most their top-k sum.
+    ts = th[:, k - 1, None] * torch.pow(2.0, -torch.arange(0, 30, 0.5, dtype=sig.dtype,
+                                                           device=sig.device))   # (a, T)
+    keep = (torch.arange(l, device=sig.device)[None, :] < js[:, None])           # (J, l)
+    dv = th[:, None, None, :] + (cn[..., None, None] * gd[:, None, None, :]
+                                 / ts[:, None, :, None])                          # (a, J, T, l)
+    dv = torch.where(keep[None, :, None, :], dv, torch.zeros_like(dv))
+    top = (mu[..., None] + ts[:, None, :])[..., None].expand(*dv.shape[:-1], k)
+    vals = torch.cat([dv, top], -1).topk(k, dim=-1).values                      # (a, J, T, k)
+    bi = torch.minimum(bi, (vals.amin((1, 2)) - th[:, :k]).clamp_min(0))
+    sum_a = torch.minimum(sum_a, (vals.sum(-1).amin((1, 2)) - th[:, :k].sum(-1)).clamp_min(0))
+    return _normalised(sig, th, k, bi, sum_a)
+
+
+def _normalised(sig, th, k, bi, sum_a):
+    """(a) and (b) bounds relative to Σ_{i<=k} σ̂_i² and σ̂_1 (both at most the true ones)."""
+    tiny = torch.finfo(sig.dtype).tiny
+    head = th[:, :k].sum(-1)
+    est_a = torch.where(sum_a > 0, sum_a / head.clamp_min(tiny), torch.zeros_like(sum_a))
+    db = ((th[:, :k] + bi).sqrt() - sig[:, :k]).amax(-1)
+    s1 = sig[:, 0]
     est_b = torch.where(db > 0, db / s1.clamp_min(tiny), torch.zeros_like(db))
     return est_a, est_b
 
@@ -277,7 +351,7 @@ def topk_svd(x: torch.Tensor, k: int, *, oversample: int | None = None,
         full_idx = []
         xa = xb
         q = _orth(xa @ omega)
-        prev = None
+        prev = last = None
         it = 0
         worst_a = worst_b = 0.0
         while idx.numel() > 0:
@@ -294,16 +368,26 @@ def topk_svd(x: torch.Tensor, k: int, *, oversample: int | None = None,
             v = (bh.mH @ (w * inv[..., None, :])).to(dt)             # (a, n2, l)
             y = xa @ v                                                # X V  (a, n1, l)
             uu = q @ w.to(dt)                                         # (a, n1, l)
-            rn = torch.linalg.vector_norm(y - uu * sig[..., None, :].to(dt), dim=-2).to(sig.dtype)
+            res = (y - uu * sig[..., None, :].to(dt)).to(hdt) * sig[..., None, :]   # σ̂_m res_m
+            gram = res.mH @ res
+            rn = (torch.diagonal(gram, dim1=-2, dim2=-1).real.clamp_min(0).sqrt()
+                  / sig.clamp_min(torch.finfo(sig.dtype).tiny))
+            # the trace form of the bound is cheap; the sharper one (eigenvalues of l x l
+            # matrices per split) only for slices within reach of tol
             est_a, est_b = contract_bounds(sig, rn, k)
+            near = torch.maximum(est_a, est_b) <= SHARP_WITHIN * tol
+            if bool(near.any()):
+                sa, sb = contract_bounds(sig[near], rn[near], k, gram[near])
+                est_a[near], est_b[near] = torch.minimum(est_a[near], sa), torch.minimum(est_b[near], sb)
             est = torch.maximum(est_a, est_b)
             ok = est <= tol
             give_up = torch.zeros_like(ok)
             if it >= budget:
                 give_up = ~ok
             elif it >= MIN_ITERS and prev is not None:
-                # measured geometric rate of the bound; predict the iterations still needed
-                rate = (est / prev.clamp_min(torch.finfo(est.dtype).tiny)).clamp(1e-6, 0.999)
+                # measured geometric rate of the bound over the last two iterations; predict
+                # the iterations still needed
+                rate = (est / prev.clamp_min(torch.finfo(est.dtype).tiny)).sqrt().clamp(1e-6, 0.999)
                 need = torch.log(tol / est.clamp_min(torch.finfo(est.dtype).tiny)) / torch.log(rate)
                 give_up = ~ok & (it + need > budget)
             if bool(ok.any()):
@@ -320,7 +404,9 @@ def topk_svd(x: torch.Tensor, k: int, *, oversample: int | None = None,
             keep = ~(ok | give_up)
             if not bool(keep.any()):
                 break
-            idx, xa, y, prev = idx[keep], xa[keep], y[keep], est[keep]
+            prev = None if last is None else last[keep]          # two iterations back
+            last = est[keep]
+            idx, xa, y = idx[keep], xa[keep], y[keep]
             q = _orth(y)
         info["iterations"] = it
         info["est_a"], info["est_b"] = worst_a, worst_b
