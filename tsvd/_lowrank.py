@@ -21,7 +21,7 @@ depend on σ_{k+1}), batched over all slices with ``matmul``, never a loop over 
 
     Q = orth(X Ω)                                   Ω: (n2, l) Gaussian from `generator`
     repeat:
-        B = Qᴴ X;  B Bᴴ = W diag(θ) Wᴴ             (l x l, float64)   σ̂ = sqrt(θ)
+        B = Qᴴ X = W diag(σ̂) Vᴴ_B                    (SVD of the l x n2 B, float64)
         U = Q W,  V = Bᴴ W diag(1/σ̂)               Ritz triplets: Xᴴ U = V diag(σ̂) exactly
         Y = X V;  r_i = ‖Y_i - σ̂_i U_i‖              residuals (orthogonal to Q)
         accept the slice if the bounds below meet tol;  else Q = orth(Y)
@@ -57,8 +57,6 @@ it will not meet tol within the budget gets the full SVD at once.
 ``last_info()`` returns what the most recent call did.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -163,7 +161,6 @@ def contract_bounds(sig: torch.Tensor, rn: torch.Tensor, k: int,
     js = torch.arange(k, l, device=sig.device)
     if js.numel() > max_splits:
         js = js[torch.linspace(0, js.numel() - 1, max_splits, device=sig.device).round().long()]
-    J = js.numel()
     # μ_j: suffix max of (σ̂_m + r_m)² over m >= j (0-based: the triplets not kept)
     w = (sig + rn) ** 2
     suff = w.flip(-1).cummax(-1).values.flip(-1)             # suff[:, m] = max_{m' >= m} w
@@ -358,21 +355,17 @@ def topk_svd(x: torch.Tensor, k: int, *, oversample: int | None = None,
         while idx.numel() > 0:
             it += 1
             b = q.mH @ xa                                             # (a, l, n2)
-            bh = b.to(hdt)                           # Gram in float64: small σ̂ stay accurate
-            g = bh @ bh.mH
+            # SVD of B itself in float64 (not eigh of B Bᴴ, whose rounding of σ̂² would put
+            # singular values below sqrt(eps) σ_1 up to ~1e-8 σ_1 above the true ones)
             with _one_thread():
-                th, w = torch.linalg.eigh(g)                          # ascending
-            th, w = th.flip(-1).clamp_min(0), w.flip(-1)
-            sig = th.sqrt()
-            inv = torch.where(sig > 0, 1.0 / sig.clamp_min(torch.finfo(sig.dtype).tiny),
-                              torch.zeros_like(sig))
-            v = (bh.mH @ (w * inv[..., None, :])).to(dt)             # (a, n2, l)
+                w, sig, vh_ = torch.linalg.svd(b.to(hdt), full_matrices=False)
+            v = vh_.mH.to(dt)                                         # (a, n2, l) = Bᴴ W / σ̂
             y = xa @ v                                                # X V  (a, n1, l)
             uu = q @ w.to(dt)                                         # (a, n1, l)
-            res = (y - uu * sig[..., None, :].to(dt)).to(hdt) * sig[..., None, :]   # σ̂_m res_m
+            res = (y - uu * sig[..., None, :].to(dt)).to(hdt)       # res_m = X v_m - σ̂_m u_m
+            rn = torch.linalg.vector_norm(res, dim=-2)
+            res = res * sig[..., None, :]                            # σ̂_m res_m
             gram = res.mH @ res
-            rn = (torch.diagonal(gram, dim1=-2, dim2=-1).real.clamp_min(0).sqrt()
-                  / sig.clamp_min(torch.finfo(sig.dtype).tiny))
             # The trace form of the bound is cheap; the sharper one (eigenvalues of l x l
             # matrices per split) is computed for slices within reach of tol and for those
             # that the cheap bound's prediction would give up on.
