@@ -77,10 +77,13 @@ MIN_ITERS = 3
 #: cheap trace form is within this factor of tol
 SHARP_WITHIN = 100.0
 #: cost of a batched economy SVD per ``n1 n2 min(n1, n2)`` in units of one column of a
-#: batched product with X (``n1 n2`` multiply-adds at l ~ 32-64 columns), measured on the
-#: 2-core CPU of this project (torch 2.13): 768x768 complex64 11-32, float32 16; 3072x768
-#: complex64 11, float32 5.6. The smallest is used, so the model errs towards the full SVD.
-FULL_SVD_COST = 5.5
+#: batched product with X (``n1 n2`` multiply-adds at l ~ 32-64 columns). Measured on the
+#: project's 2-core CPU (torch 2.13) on 2026-12-04 with the machine quiet, as the time of the
+#: batched half-spectrum SVD over the time of one whole iteration (products, orthonormalisation,
+#: Rayleigh-Ritz, bounds) at k = 8, l = 48: 20 iterations for 48x768x768 (3.3 units), 18 for
+#: 12x3072x768 (3.0); bench/results/cpu_2core_topk_2026-12-04/quick_run4.log. (An earlier
+#: value, 5.5, came from a loaded machine, where the LAPACK SVD slows far more than matmul.)
+FULL_SVD_COST = 3.0
 
 
 def last_info() -> dict:
