@@ -73,37 +73,45 @@ def test_topk_matches_float64_svd(dtype, cplx, n1, n2):
     x = decaying((2, 3), n1, n2, cplx=cplx, seed=n1)
     x = x.to({(torch.float32, True): torch.complex64, (torch.float64, True): torch.complex128}
              .get((dtype, cplx), dtype))
-    u, s, v, info = _lowrank.topk_svd(x, k)
+    u, s, v, info = _lowrank.topk_svd(x, k, cost_model=False)
     assert u.shape == (2, 3, n1, k) and s.shape == (2, 3, k) and v.shape == (2, 3, n2, k)
     assert u.dtype == x.dtype and v.dtype == x.dtype and not s.is_complex()
     assert info["fallback"] == 0 and info["iterations"] >= 1 and info["slices"] == 6
     err, so = rel_err_principal(u, s, v, x, k)
-    tol = 1e-4 if dtype == torch.float32 else 1e-8
-    assert err < tol
-    assert np.abs(s.double().numpy() - so[..., :k]).max() < tol * so[..., 0].max()
+    tol = 1e-4 if dtype == torch.float32 else 1e-10             # the default tol
+    # contract (a) on the principal part: with the 1/i gap at k its squared relative error
+    # is at most tol ‖X_k‖² / (σ_k² - σ_{k+1}²) times a small factor (here about 4 tol)
+    gap = ((so[..., :k] ** 2).sum(-1) / (so[..., k - 1] ** 2 - so[..., k] ** 2)).max()
+    assert err ** 2 <= 2 * tol * gap
+    assert np.abs(s.double().numpy() - so[..., :k]).max() <= tol * so[..., 0].min()
     assert bool((s[..., :-1] >= s[..., 1:]).all())
-    assert orth_err(u) < 10 * tol and orth_err(v) < 10 * tol
-    # the estimate the iteration relies on bounds the real error (it is conservative)
-    assert info["est"] >= 0.5 * err
+    eps = 1e-5 if dtype == torch.float32 else 1e-12
+    assert orth_err(u) < eps and orth_err(v) < eps
+    # the accepted bound of (b) is at least the real singular-value error
+    assert info["est_b"] * so[..., 0].min() >= np.abs(s.double().numpy() - so[..., :k]).max()
 
 
 def test_tolerance_controls_accuracy():
-    """A looser tol stops earlier and is less accurate; the result honours each tol."""
+    """A looser tol stops earlier and is less accurate; the result honours each tol (the
+    principal part's squared relative error is at most (a) times ‖X_k‖²/(σ_k² - σ_{k+1}²),
+    about 1.3 here: a gapped 1/i spectrum)."""
     x = decaying((3,), 120, 80, cplx=True, noise=0.0, seed=3)
     errs, its = [], []
     for tol in (1e-3, 1e-9):
-        u, s, v, info = _lowrank.topk_svd(x, 6, oversample=4, tol=tol, max_iter=40)
-        err, _ = rel_err_principal(u, s, v, x, 6)
-        assert info["fallback"] == 0 and err <= tol
+        u, s, v, info = _lowrank.topk_svd(x, 6, oversample=4, tol=tol, max_iter=40,
+                                          cost_model=False)
+        err, so = rel_err_principal(u, s, v, x, 6)
+        gap = (so[..., :6] ** 2).sum(-1) / (so[..., 5] ** 2 - so[..., 6] ** 2)
+        assert info["fallback"] == 0 and (err ** 2 <= 2 * tol * gap).all()
         errs.append(err); its.append(info["iterations"])
     assert its[0] < its[1] and errs[1] < errs[0]
 
 
 def test_flat_spectrum_falls_back_and_is_correct():
-    """No gap at k: the residual check cannot verify the subspace, the full SVD takes over."""
+    """No gap at k and a tol out of reach in 4 iterations: the full SVD takes over."""
     k = 4
     x = decaying((3,), 80, 70, cplx=False, flat=True, noise=1e-3, seed=5).float()
-    u, s, v, info = _lowrank.topk_svd(x, k, max_iter=4)
+    u, s, v, info = _lowrank.topk_svd(x, k, max_iter=4, tol=1e-8, cost_model=False)
     assert info["fallback"] == 3
     _, so, _ = np_svd(x)
     assert np.abs(s.double().numpy() - so[..., :k]).max() < 1e-5
@@ -119,20 +127,27 @@ def test_mixed_batch_only_bad_slices_fall_back():
     good = decaying((2,), 90, 70, cplx=True, seed=1)
     bad = decaying((1,), 90, 70, cplx=True, flat=True, noise=1e-3, seed=2)
     x = torch.cat([good[:1], bad, good[1:]]).to(torch.complex64)
-    u, s, v, info = _lowrank.topk_svd(x, k, max_iter=6)
+    u, s, v, info = _lowrank.topk_svd(x, k, max_iter=6, tol=1e-6, cost_model=False)
     assert info["fallback"] == 1
-    err, _ = rel_err_principal(u[[0, 2]], s[[0, 2]], v[[0, 2]], x[[0, 2]], k)
-    assert err < 1e-4
+    err, so = rel_err_principal(u[[0, 2]], s[[0, 2]], v[[0, 2]], x[[0, 2]], k)
+    gap = ((so[..., :k] ** 2).sum(-1) / (so[..., k - 1] ** 2 - so[..., k] ** 2)).max()
+    assert err ** 2 <= 2 * 1e-6 * gap
     _, so, _ = np_svd(x)
     assert np.abs(s.double().numpy() - so[..., :k]).max() < 1e-5
 
 
-def test_zero_and_rank_deficient_slices():
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_zero_and_rank_deficient_slices(seed):
+    """Zero singular values stay zero to float64 precision (Ritz values from the Gram matrix
+    B Bᴴ can put them near sqrt(eps) σ_1: seen once, with an unseeded rank-2 slice, as
+    |S_3 - σ_3| = 1.8e-7 against σ_1 = 38, which breaks (b) at tol 1e-10)."""
     k = 5
+    g = torch.Generator().manual_seed(seed)
     x = torch.zeros(3, 40, 30, dtype=torch.float64)
     x[1] = decaying((), 40, 30, cplx=False, noise=0.0, seed=7)
-    x[2] = torch.randn(40, 2, dtype=torch.float64) @ torch.randn(2, 30, dtype=torch.float64)
-    u, s, v, info = _lowrank.topk_svd(x, k, oversample=4)
+    x[2] = (torch.randn(40, 2, dtype=torch.float64, generator=g)
+            @ torch.randn(2, 30, dtype=torch.float64, generator=g))
+    u, s, v, info = _lowrank.topk_svd(x, k, oversample=4, cost_model=False)
     _, so, _ = np_svd(x)
     assert np.abs(s.numpy() - so[..., :k]).max() < 1e-9 * so.max()
     xk = (u * s[..., None, :]) @ v.mT
@@ -175,8 +190,10 @@ def test_public_fft_randomized_equals_full(n3):
     uf, sf, vf = tsvd.tsvd(x, k, method="full")
     assert u.shape == uf.shape and s.shape == sf.shape and v.shape == vf.shape
     assert not u.is_complex()
-    rec, recf = tsvd.treconstruct(u, s, v), tsvd.treconstruct(uf, sf, vf)
-    assert float((rec - recf).norm() / recf.norm()) < 1e-4
+    rec, recf = tsvd.treconstruct(u, s, v).double(), tsvd.treconstruct(uf, sf, vf).double()
+    # contract (a) summed over the slices (Parseval), against the full path's optimum
+    excess = float((x.double() - rec).norm() ** 2 - (x.double() - recf).norm() ** 2)
+    assert excess <= 1e-4 * float(recf.norm() ** 2)
     assert float((s - sf).abs().max()) < 1e-4 * float(sf.abs().max())
     # t-orthogonality of U: Uᵀ * U = I
     utu = tsvd.tprod(tsvd.ttranspose(u), u)
@@ -206,7 +223,8 @@ def test_public_dct_and_batch(n1, n2):
     uf, sf, vf = tsvd.tsvd(x, k, transform="dct", method="full")
     rec = tsvd.treconstruct(u, s, v, transform="dct")
     recf = tsvd.treconstruct(uf, sf, vf, transform="dct")
-    assert float((rec - recf).norm() / recf.norm()) < 1e-8
+    excess = float((x - rec).norm() ** 2 - (x - recf).norm() ** 2)
+    assert excess <= 1e-10 * float(recf.norm() ** 2)               # float64 default tol
     # Eckart-Young against numpy's SVD of the DCT-domain slices
     xh = dct(x.numpy(), type=2, norm="ortho", axis=-3)
     sv = np_svd(torch.from_numpy(xh))[1]
@@ -219,8 +237,6 @@ def test_public_flat_spectrum_fft_still_correct():
     n3, k = 4, 3
     x = decaying((n3,), 50, 40, cplx=False, flat=True, noise=1e-3, seed=9).float()
     u, s, v = tsvd.tsvd(x, k, method="randomized", tol=1e-7)
-    info = _lowrank.last_info()
-    assert info["fallback"] > 0
     xf = np.fft.fft(x.double().numpy(), axis=-3)
     sv = np_svd(torch.from_numpy(xf))[1]
     opt = np.sqrt((sv[..., k:] ** 2).sum() / n3)

@@ -129,7 +129,8 @@ def tinv(A: torch.Tensor, *, transform="fft") -> torch.Tensor:
 
 
 def tsvd(X: torch.Tensor, k: int | None = None, *, transform="fft", method: str = "auto",
-         oversample: int | None = None, tol: float | None = None):
+         oversample: int | None = None, tol: float | None = None,
+         generator: torch.Generator | None = None):
     """t-SVD ``X = U * fdiag(S) * Vᵀ`` (Lu's ``tsvd``; economy or truncated).
 
     Args:
@@ -137,20 +138,39 @@ def tsvd(X: torch.Tensor, k: int | None = None, *, transform="fft", method: str 
         k: ``None`` for the economy t-SVD (``k = min(n1, n2)``), else the number of
             principal singular values and vectors kept in each transform-domain slice
             (``1 <= k <= min(n1, n2)``). The truncation is the best tubal-rank-k
-            approximation of X (Eckart-Young, per slice).
-        method: ``"full"`` (a full SVD of every slice), ``"randomized"`` (subspace
-            iteration whose cost grows with k, verified per slice by its residual
-            against ``tol``; slices that do not converge fall back to a full SVD), or
-            ``"auto"`` (randomized when k is small compared with min(n1, n2)).
+            approximation of X (Eckart-Young, per slice), to within ``tol`` (below).
+        method: ``"full"`` (a full SVD of every slice), ``"randomized"`` (subspace iteration
+            with Rayleigh-Ritz whose cost grows with k, checked per slice against the
+            contract below, up to 40 iterations; a slice that does not meet it then, or
+            whose measured convergence rate predicts that it will not, gets a full SVD), or
+            ``"auto"`` (the default: a cost model measured on a 2-core CPU,
+            :func:`tsvd._lowrank.plan`, decides up front between the two and caps the
+            iterations at the cost of a full SVD; the full SVD whenever X requires grad).
         oversample: randomized method's extra subspace columns, ``l = k + oversample``
-            (default None: ``k + 16``, see :func:`tsvd._lowrank.auto_oversample`).
-        tol: randomized method's accepted *estimated relative Frobenius error of each
-            slice's principal part* ``U_k diag(S_k) V_kᴴ`` (from the Ritz residuals and the
-            spectral gap at k; default 2e-5 for float32, 1e-10 for float64). Slices above
-            it after the iterations get a full SVD, so the result is always verified.
+            (default None: ``k + 32``, see :func:`tsvd._lowrank.auto_oversample`).
+        tol: randomized method's accuracy contract (default 1e-4 for float32/float16/
+            bfloat16, 1e-10 for float64). For every transform-domain slice ``X̂_f`` with
+            singular values ``σ_1 >= σ_2 >= ...``, optimal rank-k part ``X̂_k`` and returned
+            ``X̃_k = Û_f diag(Ŝ_f) V̂_fᴴ``:
+
+            (a) ``‖X̂_f - X̃_k‖_F² - ‖X̂_f - X̂_k‖_F² <= tol · ‖X̂_k‖_F²``;
+            (b) ``|Ŝ_f,i - σ_i| <= tol · σ_1`` for every ``i <= k``.
+
+            Neither needs a gap between σ_k and σ_{k+1}. Where there is one, (a) bounds the
+            singular subspaces: ``‖sin Θ(Û_f, U_k)‖_F² <= tol · ‖X̂_k‖_F² / (σ_k² - σ_{k+1}²)``
+            (the same for V). The check is a posteriori, from Ritz values and residuals (see
+            :mod:`tsvd._lowrank`); the norm of X outside the subspace is estimated, so the
+            contract rests on the Gaussian start reaching the top singular directions.
+            Summed over the slices (Parseval), (a) gives the same relative bound for the
+            tensor: ``‖X - X̃‖_F² - ‖X - X_k‖_F² <= tol · ‖X_k‖_F²``.
+        generator: randomized method's ``torch.Generator`` for the Gaussian start (default:
+            one seeded 0): the result is deterministic for a fixed generator state.
     Returns:
         ``U (..., n3, n1, k)``, ``S (..., n3, k)`` (diagonal tubes, see :func:`fdiag`),
         ``V (..., n3, n2, k)``, all real, orthogonal in the t-product sense.
+        Gradients: exact for ``method="full"`` (and ``"auto"``, which takes it when X requires
+        grad); for ``"randomized"`` the last Rayleigh-Ritz step is differentiated with the
+        subspace held fixed (exact for S, approximate for U and V).
     """
     check_tensor("X", X, finite=True)
     n3, n1, n2 = X.shape[-3:]
@@ -171,9 +191,17 @@ def tsvd(X: torch.Tensor, k: int | None = None, *, transform="fft", method: str 
     dt, out_dt = compute_dtype(X), X.dtype
     x = _cast(X, dt)
     p = min(n1, n2)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or None, got "
+                        f"{type(generator).__name__}")
+    cost_model = method == "auto"
     if method == "auto":
-        extra = oversample if oversample is not None else k + 16 if k is not None else 0
-        method = "randomized" if (k is not None and 4 * (k + extra) <= p) else "full"
+        method = "full"
+        if k is not None and not (torch.is_grad_enabled() and X.requires_grad):
+            from ._lowrank import auto_oversample, plan
+            extra = oversample if oversample is not None else auto_oversample(k)
+            if plan(n1, n2, k, min(p, k + max(extra, 1)), tr.is_complex)[0]:
+                method = "randomized"
     which = _backend.record("tsvd", _backend.choose("tsvd", x.device, eligible=is_fft(tr)))
     if which == "compiled":
         xh = _ext().tube_rfft(x.reshape(-1, n3, n1, n2)).reshape(*x.shape[:-3], -1, n1, n2)
@@ -181,7 +209,8 @@ def tsvd(X: torch.Tensor, k: int | None = None, *, transform="fft", method: str 
         xh = tr.forward(x)
     if method == "randomized":
         from ._lowrank import hat_topk_svd
-        uh, sh, vh = hat_topk_svd(xh, k, tr, n3, oversample=oversample, tol=tol)
+        uh, sh, vh = hat_topk_svd(xh, k, tr, n3, oversample=oversample, tol=tol,
+                                  generator=generator, cost_model=cost_model)
     else:
         uh, sh, vh = ref.hat_svd(xh, tr, n3)
         if k is not None:
