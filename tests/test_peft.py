@@ -905,3 +905,26 @@ print("HF", hf_peft().__file__, hasattr(hf_peft(), "LoraConfig"))
     if HAS_HF:
         path, has = lines["HF"].split()
         assert has == "True" and Path(path).resolve().parent != repo / "peft"
+
+
+@pytest.mark.skipif(not HAS_HF, reason="HuggingFace PEFT not installed")
+def test_hf_peft_skips_another_checkouts_peft_folder(tmp_path):
+    """A second tsvd checkout (a git worktree, a clone) first on sys.path: its ``peft/`` folder
+    is not taken for HuggingFace's; an unrelated package named peft there still would be."""
+    import subprocess
+    import sys
+    other = tmp_path / "other" / "peft"
+    (other / "methods").mkdir(parents=True)
+    for f in ("__init__.py", "adapter.py", "methods/__init__.py", "methods/hf.py"):
+        (other / f).write_text("raise RuntimeError('imported the other checkout')\n")
+    code = ("import sys; sys.path.insert(0, sys.argv[1])\n"
+            "from tsvd.peft.methods.hf import hf_peft\n"
+            "print(hf_peft().__file__)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "other")],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert not r.stdout.strip().startswith(str(tmp_path)), r.stdout
+    (other / "methods" / "hf.py").unlink()             # now just some package named peft
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "other")],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode != 0 and "imported the other checkout" in r.stderr

@@ -31,7 +31,7 @@ HF PEFT is imported lazily (:func:`hf_peft`), so ``tsvd.peft`` with ``lorapt``, 
 on ``sys.path`` (``python -m pytest`` from the checkout), ``import peft`` would find this
 repository's ``peft/`` folder (and ``python bench/peft.py`` would find that script), so
 :func:`hf_peft` takes the first *package* named ``peft`` on ``sys.path`` that is not this
-repository's folder.
+repository's folder nor another tsvd checkout's (a git worktree or a second clone on the path).
 """
 from __future__ import annotations
 
@@ -60,6 +60,13 @@ def _version_tuple(v: str) -> tuple:
     return tuple(out)
 
 
+def _is_ours(folder: Path) -> bool:
+    """``folder`` is this repository's ``peft/`` or that of another checkout of tsvd (a git
+    worktree, a second clone on ``sys.path``)."""
+    return folder == _OURS or ((folder / "adapter.py").is_file()
+                               and (folder / "methods" / "hf.py").is_file())
+
+
 def hf_peft():
     """HuggingFace's ``peft`` module (imported on first use).
 
@@ -76,8 +83,8 @@ def hf_peft():
             except (OSError, ImportError):
                 continue
             if s is None or s.loader is None or not s.submodule_search_locations or \
-                    Path(s.origin or p).resolve().parent == _OURS:
-                continue            # not a package (e.g. bench/peft.py), or this repository's
+                    _is_ours(Path(s.origin or p).resolve().parent):
+                continue            # not a package (e.g. bench/peft.py), or a tsvd checkout's
             spec = s
             break
         if spec is None:
