@@ -381,3 +381,12 @@ def test_demo_table_shows_the_template_prior_row(embedded_cache):
     lines = table(res).splitlines()
     assert lines[-2].startswith("LoRA-PT") and lines[-1].startswith("template prior")
     assert f"{tp['dice']['mean']:.3f} ± {tp['dice']['std']:.3f}" in lines[-1]
+
+
+def test_test_start_moves_the_test_subjects_only():
+    a = E._split_seeds("aal", 3, 2, 4, 0)
+    b = E._split_seeds("aal", 3, 2, 4, 0, test_start=4)
+    assert a["train"] == b["train"] and a["valid"] == b["valid"]
+    assert b["test"] == [s + 4 for s in a["test"]] and not set(a["test"]) & set(b["test"])
+    with pytest.raises(ValueError, match="test_start"):
+        E.build_dataset("aal", n_train=1, n_valid=0, n_test=1, test_start=-1)

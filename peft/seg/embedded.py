@@ -256,18 +256,24 @@ def synthesize_subject(template, packed, tpl_affine, seed: int, spacing: float =
     return x, lab, out_affine
 
 
-def _split_seeds(name: str, n_train: int, n_valid: int, n_test: int, base_seed: int):
-    """Disjoint seed ranges: per dataset an offset from its name, per split 100000 apart."""
+def _split_seeds(name: str, n_train: int, n_valid: int, n_test: int, base_seed: int,
+                 test_start: int = 0):
+    """Disjoint seed ranges: per dataset an offset from its name, per split 100000 apart; the
+    test subjects are numbers ``test_start`` .. ``test_start + n_test - 1`` of the test range
+    (so that a later evaluation can use subjects an earlier selection never saw)."""
     off = int(hashlib.sha256(name.encode()).hexdigest()[:6], 16) * 1000
     return {"train": [base_seed + off + i for i in range(n_train)],
             "valid": [base_seed + off + 100000 + i for i in range(n_valid)],
-            "test": [base_seed + off + 200000 + i for i in range(n_test)]}
+            "test": [base_seed + off + 200000 + test_start + i for i in range(n_test)]}
 
 
 def build_dataset(name: str = "neuromorphometrics", *, n_train: int = 16, n_valid: int = 4,
-                  n_test: int = 8, spacing: float = 1.5, seed: int = 0,
+                  n_test: int = 8, spacing: float = 1.5, seed: int = 0, test_start: int = 0,
                   cache_dir: Path | str | None = None, workers: int = 1, log=print) -> Path:
     """Build (or reuse) an embedded dataset; returns its folder (EADC layout).
+
+    ``test_start``: the test subjects are subjects ``test_start`` .. ``test_start+n_test-1``
+    of the dataset's test seed range (default 0: the first ``n_test``).
 
     ``name`` is a protocol in :data:`PROTOCOLS` or ``"source"`` (the pre-training task). The
     folder name encodes every parameter, so a second call with the same arguments reuses it;
@@ -277,13 +283,15 @@ def build_dataset(name: str = "neuromorphometrics", *, n_train: int = 16, n_vali
     if name not in PROTOCOLS and name != "source":
         raise ValueError(f"embedded dataset {name!r}: expected one of "
                          f"{sorted(PROTOCOLS) + ['source']}")
-    for k, v in (("n_train", n_train), ("n_valid", n_valid), ("n_test", n_test)):
+    for k, v in (("n_train", n_train), ("n_valid", n_valid), ("n_test", n_test),
+                 ("test_start", test_start)):
         if int(v) < 0:
             raise ValueError(f"{k} must be >= 0, got {v}")
     if not (0.5 <= float(spacing) <= 4.0):
         raise ValueError(f"spacing must be in [0.5, 4] mm, got {spacing}")
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    tag = f"{name}_v{VERSION}_n{n_train}-{n_valid}-{n_test}_sp{spacing:g}_s{seed}"
+    tag = f"{name}_v{VERSION}_n{n_train}-{n_valid}-{n_test}_sp{spacing:g}_s{seed}" + \
+        (f"_t{test_start}" if test_start else "")
     out = cache_dir / "embedded" / tag
     if (out / "train.txt").is_file():
         log(f"embedded dataset {name}: reusing {out}")
@@ -291,7 +299,7 @@ def build_dataset(name: str = "neuromorphometrics", *, n_train: int = 16, n_vali
     t0 = time.time()
     template, packed, aff = atlas_on_template(cache_dir)
     bit = BITS[name]
-    seeds = _split_seeds(name, n_train, n_valid, n_test, seed)
+    seeds = _split_seeds(name, n_train, n_valid, n_test, seed, int(test_start))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{tag}-"))
     try:
