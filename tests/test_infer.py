@@ -198,3 +198,57 @@ def test_an_unreadable_adapter_header_is_an_error_not_a_model_file(tmp_path):
                                                   "config": {}}), "format": "pt"})
     with _pytest.raises(RunError, match="adapter_last.safetensors: .*format 1"):
         load_for_inference(path)
+
+
+# ------------------------------------------------------------------------------------------
+# the same post-processing through infer_case (a file's case: MetaTensor with its affine)
+# ------------------------------------------------------------------------------------------
+def _case(tmp_path, vol):
+    import nibabel as nib
+    from monai.data import MetaTensor
+    aff = np.diag([1.5, 1.5, 1.5, 1.0])
+    aff[:3, 3] = [-10.0, 4.0, 2.0]
+    path = tmp_path / "img.nii.gz"
+    nib.save(nib.Nifti1Image(vol.astype(np.float32), aff), str(path))
+    item = {"image": MetaTensor(torch.from_numpy(vol[None].astype(np.float32)),
+                                affine=torch.from_numpy(aff)), "path_image": str(path)}
+    info = {"data": {"patch": list(vol.shape)}, "sw_overlap": 0.25}
+    return item, info
+
+
+def test_infer_case_flip_tta_matches_definition(tmp_path):
+    rng = np.random.default_rng(0)
+    vol = rng.normal(size=(16, 16, 16))
+    ramp = torch.linspace(-1.0, 1.0, 16)
+    item, info = _case(tmp_path, vol)
+    model = Pointwise(ramp).eval()
+    r = ramp.double().numpy()[:, None, None]
+    plain, _, _ = I.infer_case(model, item, info, torch.device("cpu"))
+    np.testing.assert_array_equal(plain, (vol + r > 0).astype(np.uint8))
+    tta, _, _ = I.infer_case(model, item, info, torch.device("cpu"),
+                              opts={"tta_flip": [0], "keep_components": 0})
+
+    def sig(z):
+        return 1 / (1 + np.exp(-2 * z))        # softmax of (-z, z), class 1
+    # the mirrored prediction, mirrored back, sees the ramp reversed
+    want = (sig(vol + r) + sig(vol - r)) / 2 > 0.5
+    assert (want != (plain > 0)).any()         # the test can tell TTA from no TTA
+    np.testing.assert_array_equal(tta, want.astype(np.uint8))
+
+
+def test_infer_case_keeps_the_largest_components(tmp_path):
+    vol = -np.ones((20, 20, 20))
+    vol[1:6, 1:6, 1:6] = 1          # 125 voxels
+    vol[10:14, 10:14, 10:14] = 1    # 64
+    vol[16:18, 1:3, 15:17] = 1      # 8
+    item, info = _case(tmp_path, vol)
+    model = Pointwise(torch.zeros(20)).eval()
+    cpu = torch.device("cpu")
+    every, _, _ = I.infer_case(model, item, info, cpu)
+    assert every.sum() == 125 + 64 + 8
+    two, _, _ = I.infer_case(model, item, info, cpu, opts={"tta_flip": [], "keep_components": 2})
+    want = (vol > 0)
+    want[16:18, 1:3, 15:17] = False
+    np.testing.assert_array_equal(two, want.astype(np.uint8))
+    one, _, _ = I.infer_case(model, item, info, cpu, opts={"tta_flip": [], "keep_components": 1})
+    assert one.sum() == 125 and one[1:6, 1:6, 1:6].all()
