@@ -273,10 +273,10 @@ def embedded_cache(tmp_path_factory):
 
 def test_atlas_on_template_protocols(embedded_cache):
     tpl, packed, aff = E.atlas_on_template(embedded_cache)
-    assert tpl.shape == (182, 218, 182) and packed.shape == tpl.shape
+    assert tpl.shape == (193, 229, 193) and packed.shape == tpl.shape     # ICBM152 2009c
     cents = {}
-    for name, bit in E.BITS.items():
-        m = (packed >> bit) & 1
+    for name in E.PROTOCOLS:
+        m = (packed >> E.BITS[name]) & 1
         assert m.sum() > 1000, name
         ijk = np.argwhere(m)
         w = ijk @ aff[:3, :3].T + aff[:3, 3]
@@ -285,14 +285,75 @@ def test_atlas_on_template_protocols(embedded_cache):
     for name in E.PROTOCOLS:
         for side in (0, 1):   # hippocampi of all protocols within 8 mm of Neuromorphometrics'
             assert np.linalg.norm(cents[name][side] - cents["neuromorphometrics"][side]) < 8
+    assert ((packed >> E.BITS["source"]) & 1).sum() == 0     # the source task is elsewhere
     nmm, dk = (packed >> E.BITS["neuromorphometrics"]) & 1, (packed >> E.BITS["desikan-killiany"]) & 1
     dice = 2 * (nmm & dk).sum() / (nmm.sum() + dk.sum())
     assert 0.6 < dice < 0.95                      # same structure, different protocols
-    src = (packed >> E.BITS["source"]) & 1
-    assert (src & nmm).sum() < 0.05 * nmm.sum()   # the source task is not the hippocampus
+    # the hippocampus centres: one per hemisphere, near the MNI hippocampi (about ±26, -22, -13)
+    c = E.hippocampus_centres(packed, aff)
+    assert c.shape == (2, 3) and c[0, 0] < -15 and c[1, 0] > 15
+    np.testing.assert_allclose(c[:, 1:], [[-22, -13], [-22, -13]], atol=6)
     # second call reads the cache
     again = E.atlas_on_template(embedded_cache)[1]
     np.testing.assert_array_equal(again, packed)
+    with pytest.raises(ValueError, match="role"):
+        E.atlas_on_template(embedded_cache, "other")
+
+
+def test_source_task_is_another_brain_and_not_the_hippocampus(embedded_cache):
+    """Pre-training uses the 2009a brain (another template), and its label (white matter plus
+    deep grey nuclei) leaves out the hippocampus and the amygdala of every protocol."""
+    stpl, spacked, saff = E.atlas_on_template(embedded_cache, "source")
+    tpl, packed, aff = E.atlas_on_template(embedded_cache)
+    assert stpl.shape == (197, 233, 189) and stpl.shape != tpl.shape
+    src = ((spacked >> E.BITS["source"]) & 1) > 0
+    assert 3e5 < src.sum() < 1e6                  # white matter is ~0.5 l of 1 mm voxels
+    assert np.all(stpl[src] > 0)                  # inside the skull-stripped brain
+    assert not (spacked & ~np.uint8(1 << E.BITS["source"])).any()
+    # every protocol's hippocampus, carried to the source grid, hardly meets the source label
+    hip = np.zeros(tpl.shape, np.uint8)
+    for name in E.PROTOCOLS:
+        hip |= ((packed >> E.BITS[name]) & 1)
+    on_src = E._resample_nearest(hip, aff, saff, stpl.shape) > 0
+    assert (on_src & src).sum() < 0.15 * on_src.sum()
+    # the skull is stripped: the brain is a single blob much smaller than the head
+    assert (stpl > 0).mean() < 0.25
+
+
+def test_tissue_centres_one_dimensional_kmeans():
+    rng = np.random.default_rng(0)
+    v = np.concatenate([rng.normal(m, 2.0, n) for m, n in ((20, 3000), (60, 5000), (90, 4000))])
+    vol = np.zeros(20000, np.float32)
+    vol[: v.size] = np.clip(v, 1, None)
+    np.testing.assert_allclose(E.tissue_centres(vol.reshape(20, 25, 40)), [20, 60, 90], atol=0.5)
+    with pytest.raises(ValueError, match="template"):
+        E.tissue_centres(np.zeros((4, 4, 4)))
+
+
+def test_atrophy_shrinks_a_ball_by_the_requested_volume():
+    """A ball of radius 10 mm inside the core of the atrophy map loses the requested volume
+    fraction (the pull is the exact inverse scale there); far points do not move."""
+    n = 61
+    g = np.indices((n, n, n), dtype=np.float32).reshape(3, -1) - 30.0      # 1 mm grid, mm
+    pulled = E._atrophy(g, np.array([[0.0, 0.0, 0.0], [500.0, 0.0, 0.0]]), [0.25, 0.0])
+    inside = (pulled ** 2).sum(0) <= 10.0 ** 2                # sampled from inside the ball
+    ball = (g ** 2).sum(0) <= 10.0 ** 2
+    assert abs(inside.sum() / ball.sum() - 0.75) < 0.03
+    far = (g ** 2).sum(0) >= 45.0 ** 2
+    np.testing.assert_array_equal(pulled[:, far], g[:, far])
+    # monotone along a ray: no folding
+    r = np.linspace(0, 60, 601, dtype=np.float32)
+    ray = E._atrophy(np.stack([r, 0 * r, 0 * r]), np.zeros((1, 3)), [0.25])[0]
+    assert np.all(np.diff(ray) > 0)
+
+
+def test_contrast_remap_keeps_tissue_order_and_varies():
+    rng = np.random.default_rng(1)
+    knots = np.array([0.3, 0.65, 0.9])
+    outs = [E._remap_contrast(knots.astype(np.float32), knots, rng) for _ in range(50)]
+    for o in outs:
+        assert 0.05 <= o[0] and o[0] + 0.15 <= o[1] + 1e-6 and o[1] + 0.12 <= o[2] + 1e-6
+    assert np.std([o[1] - o[0] for o in outs]) > 0.03      # the contrast changes per subject
 
 
 def test_build_embedded_dataset(embedded_cache):
@@ -307,7 +368,7 @@ def test_build_embedded_dataset(embedded_cache):
     assert not (seeds[0] & seeds[1]) and not (seeds[0] & seeds[2]) and not (seeds[1] & seeds[2])
     imgs = [np.asarray(nib.load(c["image"]).dataobj, np.float32) for c in splits["train"]]
     labs = [np.asarray(nib.load(c["label"]).dataobj) for c in splits["train"]]
-    assert imgs[0].shape == (91, 109, 91)
+    assert imgs[0].shape == (97, 115, 97)                  # 2009c at 2 mm
     assert not np.array_equal(imgs[0], imgs[1])           # distinct subjects
     for m in labs:
         assert set(np.unique(m)) == {0, 1} and 1500 < m.sum() * 8 < 20000   # mm^3, 2 hippocampi
@@ -328,9 +389,11 @@ def test_template_prior_is_the_undeformed_atlas_label(embedded_cache):
     bit = ((packed >> E.BITS["aal"]) & 1) > 0
     np.testing.assert_array_equal(E.template_prior("aal", aff, tpl.shape, embedded_cache), bit)
     still = E.synthesize_subject(tpl, packed, aff, seed=1, spacing=2.0, deform_mm=0.0,
-                                 rot_deg=0.0, scale=0.0, shift_mm=0.0)
-    moved = E.synthesize_subject(tpl, packed, aff, seed=1, spacing=2.0)
-    for (_, lab, a), lo, hi in ((still, 0.97, 1.0), (moved, 0.2, 0.9)):
+                                 fine_deform_mm=0.0, rot_deg=0.0, scale=0.0, shift_mm=0.0,
+                                 atrophy=0.0)
+    moved = E.synthesize_subject(tpl, packed, aff, seed=1, spacing=2.0,
+                                 centres=E.hippocampus_centres(packed, aff))
+    for (_, lab, a), lo, hi in ((still, 0.97, 1.0), (moved, 0.0, 0.6)):
         m = ((lab >> E.BITS["aal"]) & 1) > 0
         prior = E.template_prior("aal", a, m.shape, embedded_cache)
         d = 2 * (prior & m).sum() / (prior.sum() + m.sum())
@@ -346,15 +409,16 @@ def test_synthesize_subject_is_seeded():
     packed[15:25, 15:25, 15:25] = 1
     aff = np.diag([-1.0, 1, 1, 1])
     aff[:3, 3] = [20, -20, -20]
-    a = E.synthesize_subject(tpl, packed, aff, seed=3, spacing=2.0)
-    b = E.synthesize_subject(tpl, packed, aff, seed=3, spacing=2.0)
-    c = E.synthesize_subject(tpl, packed, aff, seed=4, spacing=2.0)
+    kw = dict(spacing=2.0, scale=0.05, tissue=[30.0, 60.0, 100.0])
+    a = E.synthesize_subject(tpl, packed, aff, seed=3, **kw)
+    b = E.synthesize_subject(tpl, packed, aff, seed=3, **kw)
+    c = E.synthesize_subject(tpl, packed, aff, seed=4, **kw)
     np.testing.assert_array_equal(a[0], b[0])
     assert not np.array_equal(a[0], c[0])
     assert a[0].shape == (20, 20, 20)
     np.testing.assert_allclose(a[2][:3, :3], aff[:3, :3] * 2)
     vol = a[1].sum() * 8
-    assert 0.7 * 1000 < vol < 1.3 * 1000                  # the 10^3 mm^3 cube, deformed
+    assert 0.6 * 1000 < vol < 1.4 * 1000     # the 10^3 mm^3 cube, deformed, in 2 mm voxels
 
 
 def test_demo_table_shows_the_template_prior_row(embedded_cache):
@@ -368,7 +432,8 @@ def test_demo_table_shows_the_template_prior_row(embedded_cache):
     cases = []
     for i in range(2):
         _, lab, a = E.synthesize_subject(tpl, packed, aff, seed=i, spacing=3.0, deform_mm=0.0,
-                                         rot_deg=0.0, scale=0.0, shift_mm=0.0)
+                                         fine_deform_mm=0.0, rot_deg=0.0, scale=0.0,
+                                         shift_mm=0.0)
         path = embedded_cache / f"still{i}_mask.nii.gz"
         nib.save(nib.Nifti1Image(((lab >> E.BITS["aal"]) & 1).astype(np.uint8), a), str(path))
         cases.append({"label": str(path)})
