@@ -1,6 +1,6 @@
 // Schemas of the tsvd operators (one place; CPU kernels in csrc/cpu/, CUDA kernels in
-// csrc/cuda/ register implementations for the same schemas). Fake (meta) kernels and
-// autograd formulas are registered from Python, in tsvd/_ext.py.
+// csrc/cuda/ register implementations for the same schemas). Autograd of treconstruct and
+// tprod: csrc/autograd.cpp; fake (meta) kernels and the DFT ops' autograd: tsvd/_ext.py.
 //
 // Two ops without tensors describe the build (they replace a pybind11 module, so that
 // tsvd._C needs only the stable Python C API, see module.cpp):
@@ -90,7 +90,10 @@ std::string build_info() {
   const std::string compiler = "unknown";
 #endif
   std::string o = "{";
-  o += "\"with_cuda\": " + std::string(jbool(cuda));
+  // what tsvd/_ext.py expects of this build; raised when the Python side and the kernels
+  // part ways (2: autograd of treconstruct and tprod in C++, csrc/autograd.cpp)
+  o += "\"api_version\": 2";
+  o += ", \"with_cuda\": " + std::string(jbool(cuda));
   o += ", \"openmp\": " + std::string(jbool(openmp));
   o += ", \"native\": " + std::string(jbool(native));
   o += ", \"limited_api\": " + std::string(jbool(limited));

@@ -389,3 +389,14 @@ def test_low_precision_overflow_is_an_error_not_inf():
     assert torch.allclose(S32.double(), S64, rtol=1e-4)
     small = tsvd.tsvd((X16.float() / 1e3).half(), 2)[1]           # fits: float16 as given
     assert small.dtype == torch.float16 and bool(torch.isfinite(small).all())
+
+
+def test_check_broadcast_fast_paths_agree_with_torch():
+    """check_broadcast short-cuts equal and empty batch shapes; every answer is
+    torch.broadcast_shapes' (the oracle), and a mismatch names both arguments."""
+    from tsvd._validate import check_broadcast
+    for a, b in [((), ()), ((3,), ()), ((), (2, 3)), ((2, 3), (2, 3)), ((1, 3), (4, 1)),
+                 ((5,), (2, 1))]:
+        assert check_broadcast("A", a, "B", b) == tuple(torch.broadcast_shapes(a, b))
+    with pytest.raises(ValueError, match=r"batch dims of A \(2,\) and B \(3,\)"):
+        check_broadcast("A", (2,), "B", (3,))

@@ -345,3 +345,54 @@ def test_bad_input_is_rejected():
         OPS.tube_irfft(torch.zeros(1, 3, 2, 2, dtype=torch.complex128), 7)
     with pytest.raises(RuntimeError, match="float32 or float64"):
         OPS.tube_rfft(torch.zeros(1, 3, 2, 2, dtype=torch.int64))
+
+
+# ------------------------------------------------------------------------------------------
+# autograd in C++ (issue 13: no Python on the differentiable hot path)
+# ------------------------------------------------------------------------------------------
+def test_treconstruct_and_tprod_backward_nodes_are_cpp():
+    """The graph node of a differentiable call is the C++ Function of csrc/autograd.cpp (a
+    Python formula would show up as a Python backward node); gradients flow only to the inputs
+    that need them."""
+    g = torch.Generator().manual_seed(0)
+    U, S, V, R = (torch.randn(*s, generator=g, dtype=torch.float64)
+                  for s in ((2, 5, 4, 2), (2, 5, 2), (2, 5, 3, 2), (2, 5, 4, 3)))
+    U.requires_grad_()
+    y = torch.ops.tsvd.treconstruct(U, S, V, R)
+    assert "TReconstruct" in y.grad_fn.name()
+    y.sum().backward()
+    assert U.grad is not None and S.grad is None and R.grad is None
+    A = torch.randn(2, 5, 4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(2, 5, 3, 2, generator=g, dtype=torch.float64)
+    assert "TProd" in torch.ops.tsvd.tprod(A, B).grad_fn.name()
+
+
+@pytest.mark.parametrize("n3", [1, 2, 5])
+def test_tprod_second_derivative(n3):
+    """tprod's backward is made of tprod calls, so it is differentiable again (oracle: finite
+    differences of the first derivative, float64)."""
+    g = torch.Generator().manual_seed(n3)
+    A = torch.randn(1, n3, 3, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(1, n3, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(torch.ops.tsvd.tprod, (A, B))
+
+
+def test_a_build_of_another_api_version_is_not_used():
+    """A stale in-place build (its build_info without this api_version) is refused with a
+    message saying to rebuild; tsvd then runs the reference (checked in a fresh process)."""
+    code = (
+        "import json, torch\n"
+        "import tsvd._C\n"
+        "info = json.loads(torch.ops.tsvd.build_info()); info['api_version'] = 1\n"
+        "torch.ops.tsvd.build_info = lambda: json.dumps(info)\n"
+        "from tsvd import _ext\n"
+        "import tsvd\n"
+        "assert not _ext.available('cpu'), 'stale build used'\n"
+        "assert 'rebuild' in _ext.build_info()['error'], _ext.build_info()\n"
+        "A, B = torch.randn(3, 2, 2), torch.randn(3, 2, 2)\n"
+        "tsvd.tprod(A, B)\n"
+        "assert tsvd.last_backend('tprod') == 'reference'\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(tsvd.__file__)), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]

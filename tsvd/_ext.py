@@ -3,7 +3,8 @@
 Importing ``tsvd._C`` registers the operators ``torch.ops.tsvd.*`` (schemas in
 ``csrc/ops.cpp``; CPU kernels in ``csrc/cpu/``, CUDA kernels in ``csrc/cuda/``). This
 module adds what is best written in Python: fake (meta) kernels for ``torch.compile``
-and ``torch.library.opcheck``, and the autograd formulas. All ops take the batch
+and ``torch.library.opcheck``, and the autograd formulas of the two DFT ops (those of
+``treconstruct`` and ``tprod`` are C++, ``csrc/autograd.cpp``). All ops take the batch
 flattened to one leading dim ``B`` (``tsvd._api`` does the flattening):
 
 * ``treconstruct(U (B,n3,n1,r), S (B,n3,r), V (B,n3,n2,r), residual (B,n3,n1,n2) | None)``
@@ -27,9 +28,20 @@ import json
 
 import torch
 
+#: the ``api_version`` of ``build_info()`` this Python code needs (see csrc/ops.cpp)
+API_VERSION = 2
+
 try:
     from . import _C  # noqa: F401  (registers torch.ops.tsvd.*)
     _ERR = None
+    _got = json.loads(torch.ops.tsvd.build_info()).get("api_version")
+    if _got != API_VERSION:
+        # e.g. an in-place build older than these Python files: its ops lack the C++ autograd
+        # this module relies on, so it must not be used (the reference runs instead)
+        _C = None
+        _ERR = RuntimeError(
+            f"tsvd._C was built from another version of tsvd (api_version {_got}, expected "
+            f"{API_VERSION}); rebuild it: pip install --no-build-isolation -e .")
 except Exception as e:  # not built, or built against another torch
     _C = None
     _ERR = e
@@ -145,11 +157,6 @@ def _half_weights(n3: int, nf: int, dtype, device):
     return w
 
 
-def _ttranspose(a):
-    """t-transpose of ``(B,n3,n1,n2)``: slice 0 transposed, the rest transposed and reversed."""
-    return torch.cat([a[:, :1], a[:, 1:].flip(1)], dim=1).transpose(-1, -2)
-
-
 def _register():
     lib = torch.library
 
@@ -180,33 +187,7 @@ def _register():
         return Xh.new_empty((Xh.shape[0], n3, Xh.shape[2], Xh.shape[3]),
                             dtype=_real_of(Xh.dtype))
 
-    # treconstruct
-    def trec_setup(ctx, inputs, output):
-        U, S, V, residual = inputs
-        ctx.save_for_backward(U, S, V)
-        ctx.has_residual = residual is not None
-
-    def trec_backward(ctx, grad):
-        U, S, V = ctx.saved_tensors
-        gU, gS, gV = torch.ops.tsvd.treconstruct_backward(grad, U, S, V)
-        return gU, gS, gV, (grad if ctx.has_residual else None)
-
-    lib.register_autograd("tsvd::treconstruct", trec_backward, setup_context=trec_setup)
-
-    # tprod: grad_A = G * Bᵀ, grad_B = Aᵀ * G
-    def tprod_setup(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    def tprod_backward(ctx, grad):
-        A, B = ctx.saved_tensors
-        gA = gB = None
-        if ctx.needs_input_grad[0]:
-            gA = torch.ops.tsvd.tprod(grad, _ttranspose(B))
-        if ctx.needs_input_grad[1]:
-            gB = torch.ops.tsvd.tprod(_ttranspose(A), grad)
-        return gA, gB
-
-    lib.register_autograd("tsvd::tprod", tprod_backward, setup_context=tprod_setup)
+    # treconstruct and tprod: autograd in C++ (csrc/autograd.cpp), no Python on the hot path
 
     # tube_rfft: adjoint of rfft is Re(sum_f g_f e^{+i th}) = irfft(g * n3 / w_f)
     def rfft_setup(ctx, inputs, output):
