@@ -353,9 +353,9 @@ def test_methods_come_from_the_registry_and_dora_is_a_variant(setup):
     assert "dora-r8" in [v["name"] for v in PL.parse_variants(PL.DEFAULT_VARIANTS)]
     assert CLI.build_parser().parse_args([]).variants == PL.DEFAULT_VARIANTS
     assert PL.parse_variants("dora:8,dora:4,lorapt") == [
-        {"name": "dora-r8", "method": "dora", "rank": 8},
-        {"name": "dora-r4", "method": "dora", "rank": 4},
-        {"name": "lorapt-r8", "method": "lorapt", "rank": 8}]
+        {"name": "dora-r8", "method": "dora", "rank": 8, "train_decoder": True},
+        {"name": "dora-r4", "method": "dora", "rank": 4, "train_decoder": True},
+        {"name": "lorapt-r8", "method": "lorapt", "rank": 8, "train_decoder": True}]
     with pytest.raises(CM.CompareError, match="twice"):
         PL.parse_variants("dora,dora:8")
     with pytest.raises(CM.CompareError, match="rank"):
@@ -487,3 +487,71 @@ def test_runner_skips_completed_runs(setup):
     third = FakeTrainer()
     _comparison(setup, third, S=S, variants="decoder,lorapt:4").run()
     assert third.train_cfgs == [] and len(third.eval_calls) == 1
+
+
+# ------------------------------------------------------------------------------------------
+# adapters without the decoder (METHOD[:RANK]:nodec)
+# ------------------------------------------------------------------------------------------
+def test_nodec_variants_parse_and_errors():
+    assert PL.parse_variants("lorapt:8:nodec, lora:nodec ,decoder") == [
+        {"name": "lorapt-r8-nodec", "method": "lorapt", "rank": 8, "train_decoder": False},
+        {"name": "lora-r8-nodec", "method": "lora", "rank": 8, "train_decoder": False},
+        {"name": "decoder", "method": "decoder", "rank": None, "train_decoder": True}]
+    # with and without the decoder are two variants; the same one twice is refused
+    assert [v["name"] for v in PL.parse_variants("lorapt:4,lorapt:4:nodec")] == \
+        ["lorapt-r4", "lorapt-r4-nodec"]
+    with pytest.raises(CM.CompareError, match="--variants: lorapt-r8-nodec given twice"):
+        PL.parse_variants("lorapt:nodec,lorapt:8:nodec")
+    for bad, msg in [("decoder:nodec", "decoder has no adapters"),
+                     ("full:nodec", "full has no adapters"),
+                     ("lorapt:nodec:8", r"expected METHOD\[:RANK\]\[:nodec\]"),
+                     ("lorapt:8:nodec:nodec", r"expected METHOD\[:RANK\]\[:nodec\]"),
+                     ("lorapt:8:4", r"expected METHOD\[:RANK\]\[:nodec\]"),
+                     ("lorapt:8:dec", r"'lorapt:8:dec': expected METHOD\[:RANK\]\[:nodec\]"),
+                     ("lorapt:dec", "rank of 'lorapt:dec' must be a positive integer"),
+                     ("lora:0:nodec", "rank of 'lora:0:nodec'"),
+                     ("nodec", "unknown method 'nodec'")]:
+        with pytest.raises(CM.CompareError, match="--variants") as e:
+            PL.parse_variants(bad)
+        assert e.match(msg), (bad, str(e.value))
+    # the command line: the error names --variants and exits 2 before any work
+    import contextlib
+    import io
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert CLI.main(["--variants", "decoder:nodec", "--estimate-only"]) == 2
+    assert "error: --variants: 'decoder:nodec'" in err.getvalue()
+    assert ":nodec" in CLI.build_parser().format_help()
+    # names in the tables; the defaults have both adapters-only rows
+    vs = PL.parse_variants(PL.DEFAULT_VARIANTS)
+    assert {"lorapt-r8-nodec", "lora-r8-nodec"} <= {v["name"] for v in vs}
+    assert [PL.variant_label(v) for v in PL.parse_variants("lorapt:8:nodec,lora:4,full")] == \
+        ["LoRA-PT (adapters only) r8", "LoRA r4", "full"]
+
+
+def test_nodec_runs_freeze_the_decoder_and_sweep_on_their_own(setup):
+    fake = FakeTrainer()
+    S = _settings(seeds=2, regimes={"full-data": 1.0}, protocols=["neuromorphometrics"])
+    grid = dict(GRID, lorapt=[1e-3, 3e-3, 1e-2])
+    cmp = _comparison(setup, fake, S=S, variants="lorapt:8,lorapt:8:nodec", grid=grid)
+    cmp.run()
+    by = {}
+    for c in fake.train_cfgs:
+        by.setdefault(c["adapter"]["train_decoder"], []).append(c)
+    # 3 sweep rates + 1 more seed each; the only difference is train_decoder (and lr)
+    assert {k: len(v) for k, v in by.items()} == {True: 4, False: 4}
+    assert sorted(c["train"]["lr"] for c in by[False] if c["train"]["seed"] == 0) == \
+        [1e-3, 3e-3, 1e-2]
+    strip = ("adapter.train_decoder", "train.lr")
+    for a, b in zip(sorted(by[True], key=lambda c: (c["train"]["seed"], c["train"]["lr"])),
+                    sorted(by[False], key=lambda c: (c["train"]["seed"], c["train"]["lr"]))):
+        if a["train"]["lr"] == b["train"]["lr"]:
+            assert _strip(a, *strip) == _strip(b, *strip)
+    # each has its own sweep and choice
+    assert sorted(cmp.lr_choice) == ["full-data/neuromorphometrics/lorapt-r8",
+                                     "full-data/neuromorphometrics/lorapt-r8-nodec"]
+    summ = json.loads((setup[2] / "summary.json").read_text())
+    assert [(s["variant"], s["train_decoder"]) for s in summ] == [
+        ("lorapt-r8", True), ("lorapt-r8-nodec", False)]
+    md = (setup[2] / "results.md").read_text()
+    assert "| LoRA-PT (adapters only) | 8 |" in md and "| LoRA-PT | 8 |" in md

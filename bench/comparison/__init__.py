@@ -7,10 +7,12 @@ on the validation split, mean ± std over seeds and per-subject paired tests.
     python bench/compare.py --out cmp-full             # again: continues where it stopped
     python bench/compare.py --estimate-only            # the plan and its estimated time
 
-What is compared (``--variants``, default ``decoder,full,lora:8,pissa:8,dora:8,lorapt:4,lorapt:8``):
+What is compared (``--variants``, default
+``decoder,full,lora:8,pissa:8,dora:8,lorapt:4,lorapt:8,lorapt:8:nodec,lora:8:nodec``):
 
 The methods are those of the library's registry (``tsvd.peft.METHODS``); a method with a
-``rank`` option is given as ``METHOD:RANK`` (rank 8 when left out), e.g. ``dora:8``:
+``rank`` option is given as ``METHOD:RANK`` (rank 8 when left out), e.g. ``dora:8``, and an
+adapter method with ``:nodec`` appended trains its adapters alone (``lorapt:8:nodec``):
 
 - ``decoder``: transformer encoder frozen, CNN encoder/decoder and head trained.
 - ``full``: every parameter trained.
@@ -24,10 +26,14 @@ The methods are those of the library's registry (``tsvd.peft.METHODS``); a metho
 - ``dora:8``: HF PEFT DoRA (LoRA plus a trainable magnitude per output row) on the same
   layers, with LoRA's grid of learning rates; its step costs about 1.06x LoRA's (measured
   interleaved in one process, cpu preset), so it adds about a sixth to the comparison's time
-  (leave it out with ``--variants decoder,full,lora:8,pissa:8,lorapt:4,lorapt:8``).
+  (leave it out with ``--variants`` listing the others).
+- ``lorapt:8:nodec``, ``lora:8:nodec`` ("LoRA-PT (adapters only)", "LoRA (adapters only)"):
+  the same adapters with the CNN encoder/decoder and head frozen (``train_decoder=False``):
+  the decoder is 85-90 % of the trainables of a PEFT row with it, so these rows show what the
+  adapters do on their own. Each has a learning-rate sweep of its own.
 
-Protocol, identical for every variant (only the method, its rank and the learning rate
-differ; ``tests/test_compare.py`` checks this on the configurations handed to ``train()``):
+Protocol, identical for every variant (only the method, its rank, whether the decoder trains
+and the learning rate differ; ``tests/test_compare.py`` checks this on the configurations handed to ``train()``):
 
 1. Data: the embedded datasets of ``tsvd.peft.seg.embedded`` (MNI152 template warped into
    synthetic subjects, hippocampus labelled by each atlas protocol), built once with dataset

@@ -37,8 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
                     f"{','.join(F['protocols'])}; --quick: {Q['protocols'][0]}; "
                     "available: neuromorphometrics, harvard-oxford, desikan-killiany, aal)")
     ap.add_argument("--variants", default=P.DEFAULT_VARIANTS,
-                    help="comma-separated METHOD[:RANK], METHOD one of "
-                    f"{', '.join(P.methods())} (default %(default)s)")
+                    help="comma-separated METHOD[:RANK][:nodec], METHOD one of "
+                    f"{', '.join(P.methods())}; RANK (default 8) only for methods with a rank; "
+                    ":nodec (adapter methods only) trains the adapters alone, CNN "
+                    "encoder/decoder and head frozen, e.g. lorapt:8:nodec "
+                    "(default %(default)s)")
     ap.add_argument("--seeds", type=int, help=f"training seeds 0..N-1 (default {F['seeds']}, "
                     f"--quick {Q['seeds']})")
     ap.add_argument("--epochs", type=int, help=f"epochs per run (default {F['epochs']}, "

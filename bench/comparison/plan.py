@@ -15,15 +15,19 @@ import numpy as np
 from .common import CompareError, fmt_lr, n_used, read_json
 
 __all__ = ["DEFAULT_VARIANTS", "LR_GRID", "QUICK_LR_GRID", "NAMES", "FULL", "QUICK",
-           "methods", "takes_rank", "display_name", "parse_variants", "parse_lrs",
-           "check_settings", "plan_record", "check_plan_file", "steps_per_run", "sweep_key",
+           "NODEC", "methods", "takes_rank", "uses_adapters", "display_name", "variant_label",
+           "parse_variants", "parse_lrs", "check_settings", "plan_record", "check_plan_file", "steps_per_run", "sweep_key",
            "jobs", "run_dir", "run_config", "estimate_run", "calibrate"]
 
 #: DoRA is among the defaults: its training step costs about 1.06x LoRA's (cpu preset, batch 1,
 #: 1 thread, 6 steps of decoder/lora/dora/lorapt interleaved in one process, 2026-12-04), so
 #: the 7th variant adds about 1/6 to the plan (full: ~1 h 45 min from the measured 1 h 30 min
-#: for 6 variants; --quick: ~11 min from 9 min 12 s with data and pre-training cached)
-DEFAULT_VARIANTS = "decoder,full,lora:8,pissa:8,dora:8,lorapt:4,lorapt:8"
+#: for 6 variants; --quick: ~11 min from 9 min 12 s with data and pre-training cached).
+#: ``lorapt:8:nodec`` and ``lora:8:nodec`` train the adapters alone (CNN encoder/decoder and
+#: head frozen; issue 12: the decoder is 85-90 % of every PEFT run's trainables, so the
+#: rows with it mostly measure the decoder); each is one more variant (sizing: see FULL).
+DEFAULT_VARIANTS = ("decoder,full,lora:8,pissa:8,dora:8,lorapt:4,lorapt:8,lorapt:8:nodec,"
+                    "lora:8:nodec")
 #: learning-rate grids (Adam, amsgrad, poly decay) of the sweep, per registered method. Batch 1:
 #: the demo fine-tunes LoRA-PT at 5e-3 (3e-3 within 0.003 Dice of it); full fine-tuning moves
 #: every pre-trained weight, so its grid is 10x lower; DoRA is LoRA plus a magnitude per row
@@ -35,9 +39,9 @@ QUICK_LR_GRID = dict(LR_GRID)
 NAMES = {"decoder": "decoder-only", "full": "full", "lora": "LoRA", "pissa": "PiSSA",
          "dora": "DoRA", "lorapt": "LoRA-PT"}
 
-#: the full comparison (CPU preset). Sizing: 7 variants, 2 protocols, 2 regimes, 3 seeds =
-#: 84 final runs + 14 sweep runs (7 of them reused as final runs) = 91 trainings of 64 steps
-#: (batch 1, as the demo) + 84 test evaluations. On this 2-core machine (2026-11-27), with
+#: the full comparison (CPU preset). Sizing: 9 variants, 2 protocols, 2 regimes, 3 seeds =
+#: 108 final runs + 18 sweep runs (9 of them reused as final runs) = 117 trainings of 64 steps
+#: (batch 1, as the demo) + 108 test evaluations. On this 2-core machine (2026-11-27), with
 #: 2 worker processes of 1 thread: 1.5-1.9 s per step and worker, 1 h 30 min in all for the
 #: 6 variants without DoRA (measured; 78 trainings), plus the one-off dataset building and
 #: pre-training (cached). Post-processing as
@@ -69,21 +73,66 @@ def takes_rank(method: str) -> bool:
     return "rank" in get_method(method).options
 
 
-def display_name(method: str) -> str:
-    """The method's name in the tables (its registry name when it has no entry in NAMES)."""
-    return NAMES.get(method, method)
+def uses_adapters(method: str) -> bool:
+    """Whether the registered ``method`` puts adapters on the transformer's layers (LoRA-PT,
+    LoRA, PiSSA, DoRA), so that it can train them alone (``:nodec``)."""
+    from tsvd.peft import get_method
+    return bool(get_method(method).uses_targets)
+
+
+def display_name(method: str, train_decoder=True) -> str:
+    """The method's name in the tables (its registry name when it has no entry in NAMES);
+    ``train_decoder=False``: with `` (adapters only)``."""
+    name = NAMES.get(method, method)
+    return name if train_decoder in (True, None) else f"{name} (adapters only)"
+
+
+def variant_label(variant: dict) -> str:
+    """A variant's name in the tables, e.g. ``LoRA-PT r8``, ``LoRA (adapters only) r8``."""
+    return display_name(variant["method"], variant.get("train_decoder", True)) + (
+        f" r{variant['rank']}" if variant.get("rank") else "")
+
+
+#: the suffix of an adapters-only variant (``lorapt:8:nodec``)
+NODEC = "nodec"
 
 
 def parse_variants(text: str) -> list[dict]:
-    """``"decoder,full,lora:8,dora:8,lorapt:4"`` -> [{"name", "method", "rank"}, ...]; a method
-    with a rank option defaults to rank 8, one without must not be given a rank."""
+    """``"decoder,full,lora:8,lorapt:8:nodec"`` -> [{"name", "method", "rank",
+    "train_decoder"}, ...], in the order given.
+
+    One variant is spelled ``METHOD[:RANK][:nodec]``:
+
+    - ``METHOD``: a method of the registry (:func:`methods`);
+    - ``RANK``: a positive integer, only for a method with a ``rank`` option (rank 8 when
+      left out); name ``METHOD-rRANK``;
+    - ``:nodec`` (adapter methods only: lorapt, lora, pissa, dora): the adapters train alone,
+      the CNN encoder/decoder and head stay frozen (``adapter.train_decoder`` False; without
+      it True, as in the paper); name ``METHOD-rRANK-nodec``, shown as e.g. ``LoRA-PT
+      (adapters only) r8``, with a learning-rate sweep of its own. ``lorapt:nodec`` is
+      ``lorapt:8:nodec``.
+
+    Anything else is a CompareError naming ``--variants``."""
     known = methods()
     out, seen = [], set()
     for part in [p.strip() for p in str(text).split(",") if p.strip()]:
-        method, _, rank = part.partition(":")
+        method, *rest = [x.strip() for x in part.split(":")]
         if method not in known:
             raise CompareError(f"--variants: unknown method {method!r} in {part!r} "
-                               f"(expected one of {', '.join(known)}, e.g. lorapt:8)")
+                               f"(expected one of {', '.join(known)}, e.g. lorapt:8 or "
+                               f"lorapt:8:{NODEC})")
+        nodec = bool(rest) and rest[-1] == NODEC
+        if nodec:
+            rest = rest[:-1]
+            if not uses_adapters(method):
+                raise CompareError(f"--variants: {part!r}: :{NODEC} (adapters alone) is for "
+                                   f"the adapter methods "
+                                   f"({', '.join(m for m in known if uses_adapters(m))}); "
+                                   f"{method} has no adapters")
+        if len(rest) > 1 or NODEC in rest:
+            raise CompareError(f"--variants: {part!r}: expected METHOD[:RANK][:{NODEC}], "
+                               f"e.g. lorapt:8:{NODEC}")
+        rank = rest[0] if rest else ""
         if not takes_rank(method):
             if rank:
                 raise CompareError(f"--variants: {method} has no rank ({part!r})")
@@ -94,12 +143,13 @@ def parse_variants(text: str) -> list[dict]:
             except ValueError:
                 r = -1
             if r < 1:
-                raise CompareError(f"--variants: rank of {part!r} must be a positive integer")
-            name = f"{method}-r{r}"
+                raise CompareError(f"--variants: rank of {part!r} must be a positive integer "
+                                   f"(METHOD[:RANK][:{NODEC}])")
+            name = f"{method}-r{r}" + (f"-{NODEC}" if nodec else "")
         if name in seen:
             raise CompareError(f"--variants: {name} given twice")
         seen.add(name)
-        out.append({"name": name, "method": method, "rank": r})
+        out.append({"name": name, "method": method, "rank": r, "train_decoder": not nodec})
     if not out:
         raise CompareError("--variants: no variant given")
     return out
@@ -236,8 +286,9 @@ def run_config(S: dict, dataset, pretrained, n_train: int, regime: str, variant:
     """The training configuration (``tsvd.peft.seg.train`` schema) of one run on ``dataset``
     (``n_train`` training subjects in all).
 
-    Everything but ``adapter.method``, ``adapter.rank``, ``train.lr`` (and ``train.seed``
-    across seeds) is the same for every variant of a (regime, protocol)."""
+    Everything but ``adapter.method``, ``adapter.rank``, ``adapter.train_decoder`` (False
+    for a ``:nodec`` variant), ``train.lr`` (and ``train.seed`` across seeds) is the same for
+    every variant of a (regime, protocol)."""
     from tsvd.models import preset_kwargs
     from tsvd.peft.seg import train as T
     from tsvd.peft.seg.embedded import HIPPOCAMPUS_ROI_MM
@@ -251,7 +302,7 @@ def run_config(S: dict, dataset, pretrained, n_train: int, regime: str, variant:
                  "max_train": n},
         "model": {"preset": S["preset"], "pretrained": str(pretrained)},
         "adapter": {"method": variant["method"], "rank": variant["rank"],
-                    "train_decoder": True},
+                    "train_decoder": bool(variant.get("train_decoder", True))},
         "train": {"epochs": int(S["epochs"]), "batch_size": int(S["batch_size"]),
                   "samples_per_epoch": int(S["samples_per_epoch"]), "lr": float(lr),
                   "seed": int(seed), "device": device, "val_every": 1, "average_last": 0},
@@ -310,6 +361,8 @@ def calibrate(S: dict, variants: list[dict], dataset: Path, device="auto", steps
             params = list(model.parameters())
         else:
             kw = {"rank": v["rank"]} if v["rank"] else {}
+            if not v.get("train_decoder", True):
+                kw["train_decoder"] = False
             params = adapt(model, v["method"], **kw).trainable_parameters()
         out["setup_s"][v["name"]] = time.time() - t0
         model.to(dev).train()

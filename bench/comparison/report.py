@@ -12,7 +12,7 @@ import numpy as np
 
 from .common import (atomic_write, fmt_lr, fmt_mb, fmt_num, fmt_p, fmt_pm, seed_stats,
                      write_csv, write_json)
-from .plan import display_name, steps_per_run
+from .plan import display_name, steps_per_run, variant_label
 
 __all__ = ["REFERENCE", "MIN_PAIRS", "aggregate", "subject_means", "paired_test",
            "paired_tests", "markdown", "write_reports", "plot_dice_vs_params", "plot_curves"]
@@ -23,8 +23,8 @@ REFERENCE = "lorapt"
 #: pairs the smallest two-sided exact p-value is already 0.0625
 MIN_PAIRS = 6
 
-SUMMARY_FIELDS = ["regime", "protocol", "variant", "method", "rank", "lr", "seeds",
-                  "dice_mean", "dice_std", "hd95_mean", "hd95_std", "trainable_parameters",
+SUMMARY_FIELDS = ["regime", "protocol", "variant", "method", "rank", "train_decoder", "lr",
+                  "seeds", "dice_mean", "dice_std", "hd95_mean", "hd95_std", "trainable_parameters",
                   "adapter_parameters", "artefact_bytes", "time_per_step_s", "peak_mem_mb"]
 
 
@@ -50,7 +50,7 @@ def aggregate(runs: list[dict], variants: list[dict]) -> list[dict]:
             return rs[0].get(k)
         out.append({
             "regime": reg, "protocol": prot, "variant": name, "method": first("method"),
-            "rank": first("rank"), "lr": first("lr"), "seeds": [r["seed"] for r in rs],
+            "rank": first("rank"), "train_decoder": first("train_decoder"), "lr": first("lr"), "seeds": [r["seed"] for r in rs],
             "train_subjects": first("train_subjects"),
             "dice": seed_stats([r["test_dice"] for r in rs]),
             "hd95_mm": seed_stats([r["test_hd95_mm"] for r in rs]),
@@ -139,9 +139,7 @@ def paired_tests(runs: list[dict], reference: str = REFERENCE) -> list[dict]:
 # ------------------------------------------------------------------------------------------
 def _variant_label(name: str, summ: list[dict]) -> str:
     s = next((x for x in summ if x["variant"] == name), None)
-    if s is None:
-        return name
-    return display_name(s["method"]) + (f" r{s['rank']}" if s.get("rank") else "")
+    return name if s is None else variant_label(s)
 
 
 def markdown(summ: list[dict], S: dict, steps: int) -> str:
@@ -175,7 +173,7 @@ def markdown(summ: list[dict], S: dict, steps: int) -> str:
             tps = s.get("time_per_step_s")
             pm = s.get("peak_mem_mb")
             lines.append(
-                f"| {s['protocol']} | {display_name(s['method'])} | "
+                f"| {s['protocol']} | {display_name(s['method'], s.get('train_decoder'))} | "
                 f"{s['rank'] if s['rank'] else '–'} | {fmt_lr(s['lr'])} | {fmt_pm(s['dice'])} | "
                 f"{fmt_pm(s['hd95_mm'], 2)} | {fmt_num(s['trainable_parameters'])} "
                 f"({pct:.1f} %; {fmt_num(s.get('adapter_parameters'))}) | "

@@ -359,7 +359,9 @@ class Comparison:
     def _result(self, job, rec, wall) -> dict:
         v = job["variant"]
         return {"regime": job["regime"], "protocol": job["protocol"], "variant": v["name"],
-                "method": v["method"], "rank": v["rank"], "lr": job["lr"], "seed": job["seed"],
+                "method": v["method"], "rank": v["rank"],
+                "train_decoder": bool(v.get("train_decoder", True)), "lr": job["lr"],
+                "seed": job["seed"],
                 "sweep": False, "final": False, "chosen": None,
                 "train_subjects": rec["config"]["data"]["max_train"],
                 "epochs": self.S["epochs"], "steps": self.steps_per_run(),
