@@ -555,3 +555,36 @@ def test_nodec_runs_freeze_the_decoder_and_sweep_on_their_own(setup):
         ("lorapt-r8", True), ("lorapt-r8-nodec", False)]
     md = (setup[2] / "results.md").read_text()
     assert "| LoRA-PT (adapters only) | 8 |" in md and "| LoRA-PT | 8 |" in md
+
+
+# ------------------------------------------------------------------------------------------
+# test subjects: 20 per protocol, from --test-start on
+# ------------------------------------------------------------------------------------------
+def test_twenty_test_subjects_from_test_start(tmp_path, monkeypatch):
+    p = CLI.build_parser()
+    for argv in ([], ["--quick"]):
+        S = CLI.settings_from_args(p.parse_args(argv))
+        assert (S["n_test"], S["test_start"]) == (20, 0)
+    S = CLI.settings_from_args(p.parse_args(["--test-start", "28"]))
+    assert S["test_start"] == 28
+    with pytest.raises(CM.CompareError, match="--test-start"):
+        CLI.settings_from_args(p.parse_args(["--test-start", "-1"]))
+    # recorded in plan.json: a folder made with another test_start is not continued
+    vs = PL.parse_variants("lorapt:8")
+    rec = PL.plan_record(S, vs, PL.LR_GRID, None, "cpu")
+    CM.write_json(tmp_path / "plan.json", rec)
+    assert json.loads((tmp_path / "plan.json").read_text())["settings"]["test_start"] == 28
+    assert PL.check_plan_file(tmp_path, rec) is True
+    with pytest.raises(CM.CompareError, match="other settings"):
+        PL.check_plan_file(tmp_path, PL.plan_record(dict(S, test_start=0), vs, PL.LR_GRID,
+                                                    None, "cpu"))
+    # and handed to the dataset builder
+    from tsvd.peft.seg import embedded as E
+    calls = []
+    monkeypatch.setattr(E, "build_dataset", lambda name, **kw: calls.append((name, kw)) or
+                        tmp_path / name)
+    got = RUN.prepare_data(dict(S, protocols=["neuromorphometrics", "harvard-oxford"]),
+                           tmp_path, log=lambda *a: None)
+    assert got == {p: tmp_path / p for p in ("neuromorphometrics", "harvard-oxford")}
+    assert [(n, kw["n_test"], kw["test_start"]) for n, kw in calls] == [
+        ("neuromorphometrics", 20, 28), ("harvard-oxford", 20, 28)]

@@ -38,7 +38,11 @@ and the learning rate differ; ``tests/test_compare.py`` checks this on the confi
 1. Data: the embedded datasets of ``tsvd.peft.seg.embedded`` (MNI152 template warped into
    synthetic subjects, hippocampus labelled by each atlas protocol), built once with dataset
    seed 0 and cached; train / validation / test subjects are disjoint and the same for every
-   run. Low-data regime: the first ``round(--low-data-fraction × n_train)`` training subjects
+   run. 20 test subjects per protocol (``--n-test``): numbers ``--test-start`` (default 0)
+   to ``--test-start`` + 19 of the protocol's test seed range, recorded in ``plan.json``.
+   (The demo's settings were chosen looking at neuromorphometrics test subjects 0-5, and the
+   demo tests on 8-27, commit 047dff5; ``--test-start 28`` gives subjects neither touched.)
+   Low-data regime: the first ``round(--low-data-fraction × n_train)`` training subjects
    (``data.max_train`` of the training config), same validation and test subjects.
 2. Pre-trained weights: one UNETR pre-trained on the embedded source task (subcortical
    structures other than the hippocampus) through ``tsvd.peft.seg.train.train(task="pretrain")``

@@ -63,7 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--n-train", type=int, help=f"training subjects per protocol (default "
                     f"{F['n_train']})")
     ap.add_argument("--n-valid", type=int, help=f"validation subjects (default {F['n_valid']})")
-    ap.add_argument("--n-test", type=int, help=f"test subjects (default {F['n_test']})")
+    ap.add_argument("--n-test", type=int, help=f"test subjects per protocol (default "
+                    f"{F['n_test']})")
+    ap.add_argument("--test-start", type=int,
+                    help=f"first test subject: the test subjects are numbers TEST_START .. "
+                    f"TEST_START + n_test - 1 of each protocol's test seed range (default "
+                    f"{F['test_start']}; recorded in plan.json)")
     ap.add_argument("--preset", choices=["cpu", "paper", "tiny"],
                     help="UNETR preset (default cpu)")
     ap.add_argument("--pretrained", help="base checkpoint to fine-tune (default: pre-train once "
@@ -95,7 +100,8 @@ def settings_from_args(args) -> dict:
         args.quick, protocols=args.protocols, low_data_fraction=args.low_data_fraction,
         sweep=args.sweep, seeds=args.seeds, epochs=args.epochs,
         samples_per_epoch=args.samples_per_epoch, batch_size=args.batch_size,
-        n_train=args.n_train, n_valid=args.n_valid, n_test=args.n_test, preset=args.preset)
+        n_train=args.n_train, n_valid=args.n_valid, n_test=args.n_test,
+        test_start=args.test_start, preset=args.preset)
 
 
 def main(argv=None) -> int:

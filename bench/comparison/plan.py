@@ -46,10 +46,12 @@ NAMES = {"decoder": "decoder-only", "full": "full", "lora": "LoRA", "pissa": "Pi
 #: 6 variants without DoRA (measured; 78 trainings), plus the one-off dataset building and
 #: pre-training (cached). Post-processing as
 #: the demo: the 2 largest connected components are kept (left and right hippocampus).
+#: Test subjects: 20 per protocol (issue 12: >= 20), subjects ``test_start`` ..
+#: ``test_start + 19`` of the protocol's test seed range (``embedded.build_dataset``).
 FULL = {
     "preset": "cpu", "spacing": 1.5, "flip_axes": [0], "roi": "mni-hippocampus",
     "protocols": ["neuromorphometrics", "harvard-oxford"],
-    "n_train": 12, "n_valid": 4, "n_test": 8, "dataset_seed": 0,
+    "n_train": 12, "n_valid": 4, "n_test": 20, "test_start": 0, "dataset_seed": 0,
     "seeds": 3, "epochs": 4, "samples_per_epoch": 16, "batch_size": 1, "keep_components": 2,
     "regimes": {"full-data": 1.0, "low-data": 0.25}, "sweep": "method",
 }
@@ -184,13 +186,14 @@ _INT_SETTINGS = ("seeds", "epochs", "samples_per_epoch", "batch_size", "n_train"
 def check_settings(quick: bool = False, *, protocols=None, low_data_fraction=None,
                    sweep=None, **over) -> dict:
     """The settings (:data:`FULL` or :data:`QUICK`) with the command line's overrides
-    (``over``: the integer settings and ``preset``; None keeps the default), checked.
-    ``low_data_fraction``: the low-data regime's share (default 0.25, quick 0; 0: none)."""
+    (``over``: the integer settings, ``test_start`` and ``preset``; None keeps the default),
+    checked. ``low_data_fraction``: the low-data regime's share (default 0.25, quick 0; 0:
+    none)."""
     S = copy.deepcopy(QUICK if quick else FULL)
     if protocols:
         S["protocols"] = [p.strip() for p in protocols.split(",") if p.strip()]
     for k, v in over.items():
-        if k not in _INT_SETTINGS + ("preset",):
+        if k not in _INT_SETTINGS + ("test_start", "preset"):
             raise TypeError(f"check_settings: unknown setting {k!r}")
         if v is not None:
             S[k] = v
@@ -198,6 +201,9 @@ def check_settings(quick: bool = False, *, protocols=None, low_data_fraction=Non
         if not isinstance(S[k], int) or isinstance(S[k], bool) or S[k] < 1:
             raise CompareError(f"--{k.replace('_', '-')}: expected a positive integer, "
                                f"got {S[k]!r}")
+    t = S.get("test_start", 0)
+    if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+        raise CompareError(f"--test-start: expected an integer >= 0, got {t!r}")
     if sweep:
         S["sweep"] = sweep
     f = low_data_fraction

@@ -148,7 +148,9 @@ def markdown(summ: list[dict], S: dict, steps: int) -> str:
     lines = [f"# Method comparison (UNETR {S['preset']} preset, embedded hippocampus data)", "",
              f"{S['epochs']} epochs × {S['samples_per_epoch']} samples, batch "
              f"{S['batch_size']} ({steps} steps) per run; seeds: {S['seeds']}; Dice and HD95 "
-             f"on {S['n_test']} test subjects per protocol, mean ± std over seeds "
+             f"on {S['n_test']} test subjects per protocol (numbers "
+             f"{S.get('test_start', 0)}-{S.get('test_start', 0) + S['n_test'] - 1} of its test "
+             f"seed range), mean ± std over seeds "
              f"(std: sample, ddof=1). Learning rate: best validation Dice of the sweep "
              f"(seed 0)."]
     par = sorted({(s.get("workers"), s.get("threads")) for s in summ

@@ -157,7 +157,9 @@ def trainable_counts(run_json: Path, summ: dict) -> dict:
 # data and the pre-trained base
 # ------------------------------------------------------------------------------------------
 def prepare_data(S: dict, cache: Path, log=print) -> dict:
-    """Build (or reuse) the embedded target datasets; protocol -> folder."""
+    """Build (or reuse) the embedded target datasets; protocol -> folder. The test subjects
+    are numbers ``test_start`` .. ``test_start + n_test - 1`` of each protocol's test seed
+    range."""
     from tsvd.peft.seg import embedded as E
     bad = [p for p in S["protocols"] if p not in E.PROTOCOLS]
     if bad:
@@ -165,8 +167,9 @@ def prepare_data(S: dict, cache: Path, log=print) -> dict:
                            f"{', '.join(sorted(E.PROTOCOLS))})")
     workers = max(1, min(2, os.cpu_count() or 1))
     return {p: E.build_dataset(p, n_train=S["n_train"], n_valid=S["n_valid"],
-                               n_test=S["n_test"], spacing=S["spacing"],
-                               seed=S["dataset_seed"], cache_dir=cache, workers=workers, log=log)
+                               n_test=S["n_test"], test_start=int(S.get("test_start", 0)),
+                               spacing=S["spacing"], seed=S["dataset_seed"], cache_dir=cache,
+                               workers=workers, log=log)
             for p in S["protocols"]}
 
 
