@@ -588,3 +588,12 @@ def test_twenty_test_subjects_from_test_start(tmp_path, monkeypatch):
     assert got == {p: tmp_path / p for p in ("neuromorphometrics", "harvard-oxford")}
     assert [(n, kw["n_test"], kw["test_start"]) for n, kw in calls] == [
         ("neuromorphometrics", 20, 28), ("harvard-oxford", 20, 28)]
+
+
+def test_runs_flip_along_all_three_axes(tmp_path):
+    for quick in (False, True):
+        S = PL.check_settings(quick)
+        cfg = PL.run_config(S, tmp_path / "d", tmp_path / "base.safetensors", 12, "full-data",
+                            PL.parse_variants("lorapt:8")[0], 1e-3, 0, "cpu")
+        assert cfg["data"]["flip_axes"] == [0, 1, 2]
+        assert cfg["infer"]["tta_flip"] == []          # test images are not flipped

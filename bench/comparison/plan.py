@@ -48,8 +48,13 @@ NAMES = {"decoder": "decoder-only", "full": "full", "lora": "LoRA", "pissa": "Pi
 #: the demo: the 2 largest connected components are kept (left and right hippocampus).
 #: Test subjects: 20 per protocol (issue 12: >= 20), subjects ``test_start`` ..
 #: ``test_start + 19`` of the protocol's test seed range (``embedded.build_dataset``).
+#: Augmentation: random flips along all three axes (issue 12 item 6; as the demo and the
+#: library's default ``data.flip_axes``). The images are RAS: axis 0 (left-right) swaps the
+#: hemispheres, which leaves the label a hippocampus (both sides are labelled); axes 1 and 2
+#: (anterior-posterior, inferior-superior) make mirrored brains no subject has, used as
+#: augmentation only (validation and test images are never flipped: no TTA).
 FULL = {
-    "preset": "cpu", "spacing": 1.5, "flip_axes": [0], "roi": "mni-hippocampus",
+    "preset": "cpu", "spacing": 1.5, "flip_axes": [0, 1, 2], "roi": "mni-hippocampus",
     "protocols": ["neuromorphometrics", "harvard-oxford"],
     "n_train": 12, "n_valid": 4, "n_test": 20, "test_start": 0, "dataset_seed": 0,
     "seeds": 3, "epochs": 4, "samples_per_epoch": 16, "batch_size": 1, "keep_components": 2,
