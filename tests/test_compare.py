@@ -597,3 +597,63 @@ def test_runs_flip_along_all_three_axes(tmp_path):
                             PL.parse_variants("lorapt:8")[0], 1e-3, 0, "cpu")
         assert cfg["data"]["flip_axes"] == [0, 1, 2]
         assert cfg["infer"]["tta_flip"] == []          # test images are not flipped
+
+
+# ------------------------------------------------------------------------------------------
+# learning-rate grids that bracket the optimum, and the flag when they do not
+# ------------------------------------------------------------------------------------------
+def test_lr_grids_three_geometric_rates_and_plan_counts():
+    for m, g in PL.LR_GRID.items():
+        assert len(g) == 3 and g == sorted(g), m
+        assert g[1] / g[0] == pytest.approx(g[2] / g[1]), m          # geometric
+    for m in ("decoder", "lora", "pissa", "dora", "lorapt"):
+        assert PL.LR_GRID[m] == PL.LR_GRID["lorapt"]
+    assert PL.LR_GRID["full"] == pytest.approx([x / 10 for x in PL.LR_GRID["lorapt"]])
+    # the sizing comment's counts: 9 trained variants × 3 rates of sweep, 2 × 2 × 3 final runs
+    # each, the 9 seed-0 final runs of the first cell reuse their sweep run
+    S = PL.check_settings()
+    vs = PL.parse_variants(PL.DEFAULT_VARIANTS)
+    js = PL.jobs(S, vs, PL.LR_GRID)
+    sweep = [j for j in js if j["phase"] == "sweep"]
+    final = [j for j in js if j["phase"] == "final"]
+    assert (len(vs), len(sweep), len(final)) == (9, 27, 108)
+    assert sum(j["reuses_sweep"] for j in final) == 9
+    assert len(sweep) + len(final) - 9 == 126                  # trainings
+
+
+def test_grid_edge_by_hand():
+    g = [2e-3, 5e-3, 1.25e-2]
+    assert [R.grid_edge(x, g) for x in g] == ["lowest", None, "highest"]
+    assert R.grid_edge(1e-3, [1e-3]) == "single rate"
+    assert R.grid_edge(None, g) is None
+
+
+class PeakedTrainer(FakeTrainer):
+    """Validation Dice peaked at 5e-3 for LoRA-PT, rising with the rate for the decoder."""
+
+    def train(self, cfg, out, **kw):
+        summ = super().train(cfg, out, **kw)
+        lr = cfg["train"]["lr"]
+        summ["best_val_dice"] = (0.8 - abs(math.log(lr / 5e-3)) / 10
+                                 if cfg["adapter"]["method"] == "lorapt" else 0.5 + lr)
+        return summ
+
+
+def test_chosen_rate_at_grid_edge_is_flagged(setup):
+    S = _settings(seeds=1, regimes={"full-data": 1.0}, protocols=["neuromorphometrics"])
+    grid = dict(PL.LR_GRID)
+    cmp = _comparison(setup, PeakedTrainer(), S=S, variants="decoder,lorapt:8", grid=grid)
+    cmp.run()
+    out = setup[2]
+    ch = json.loads((out / "lr_choice.json").read_text())
+    dec, lpt = (ch[f"full-data/neuromorphometrics/{n}"] for n in ("decoder", "lorapt-r8"))
+    assert (dec["lr"], dec["at_grid_edge"], dec["grid"]) == (1.25e-2, "highest", grid["decoder"])
+    assert (lpt["lr"], lpt["at_grid_edge"]) == (5e-3, None)
+    with open(out / "summary.csv") as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    assert rows["decoder"]["lr_at_grid_edge"] == "highest"
+    assert rows["lorapt-r8"]["lr_at_grid_edge"] == ""
+    md = (out / "results.md").read_text()
+    assert "| decoder-only | – | 0.0125 † |" in md and "| LoRA-PT | 8 | 0.005 |" in md
+    assert "† chosen rate at an end of its grid" in md
+    assert "decoder-only: 0.0125, highest of 0.002, 0.005, 0.0125" in md

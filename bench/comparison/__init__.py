@@ -52,9 +52,12 @@ and the learning rate differ; ``tests/test_compare.py`` checks this on the confi
    epoch, batch size, poly learning-rate schedule, loss, augmentation and seed for every
    variant; the checkpoint evaluated is the best-on-validation epoch.
 4. Learning rate, per method (``--sweep method``, default): each variant trains every rate
-   of its grid (``--lrs``) with seed 0 on the first regime and protocol; the highest
-   validation Dice wins (ties: the smaller rate) and is used for that variant everywhere
-   (``lr_choice.json``). ``--sweep cell`` sweeps every (regime, protocol, variant) instead
+   of its grid (``--lrs``; three per method by default, see ``plan.LR_GRID`` for why those)
+   with seed 0 on the first regime and protocol; the highest validation Dice wins (ties: the
+   smaller rate) and is used for that variant everywhere (``lr_choice.json``). A chosen rate
+   at an end of its grid is flagged (``at_grid_edge`` in ``lr_choice.json``,
+   ``lr_at_grid_edge`` in the summary, † in ``results.md``): the grid did not bracket the
+   optimum there. ``--sweep cell`` sweeps every (regime, protocol, variant) instead
    (about twice the time). A final run whose configuration is a sweep run's (seed 0 at the
    chosen rate) *is* that run: it is evaluated on the test split, not trained twice.
    Final runs go seed by seed, so an interrupted comparison has complete one-seed tables.

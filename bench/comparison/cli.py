@@ -30,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "folder skips the runs that have a result.json (resume)")
     ap.add_argument("--quick", action="store_true",
                     help=f"one seed, protocol {Q['protocols'][0]}, the full-data regime "
-                    f"only, {Q['epochs']} epochs × {Q['samples_per_epoch']} samples, two "
-                    f"learning rates per method "
+                    f"only, {Q['epochs']} epochs × {Q['samples_per_epoch']} samples, "
+                    f"{len(P.QUICK_LR_GRID['lorapt'])} learning rates per method "
                     f"(what CI or a reviewer runs; < 20 min on 2 CPU cores)")
     ap.add_argument("--protocols", help="comma-separated embedded protocols (default "
                     f"{','.join(F['protocols'])}; --quick: {Q['protocols'][0]}; "

@@ -20,31 +20,43 @@ __all__ = ["DEFAULT_VARIANTS", "LR_GRID", "QUICK_LR_GRID", "NAMES", "FULL", "QUI
            "jobs", "run_dir", "run_config", "estimate_run", "calibrate"]
 
 #: DoRA is among the defaults: its training step costs about 1.06x LoRA's (cpu preset, batch 1,
-#: 1 thread, 6 steps of decoder/lora/dora/lorapt interleaved in one process, 2026-12-04), so
-#: the 7th variant adds about 1/6 to the plan (full: ~1 h 45 min from the measured 1 h 30 min
-#: for 6 variants; --quick: ~11 min from 9 min 12 s with data and pre-training cached).
+#: 1 thread, 6 steps of decoder/lora/dora/lorapt interleaved in one process, 2026-12-04).
 #: ``lorapt:8:nodec`` and ``lora:8:nodec`` train the adapters alone (CNN encoder/decoder and
 #: head frozen; issue 12: the decoder is 85-90 % of every PEFT run's trainables, so the
 #: rows with it mostly measure the decoder); each is one more variant (sizing: see FULL).
 DEFAULT_VARIANTS = ("decoder,full,lora:8,pissa:8,dora:8,lorapt:4,lorapt:8,lorapt:8:nodec,"
                     "lora:8:nodec")
-#: learning-rate grids (Adam, amsgrad, poly decay) of the sweep, per registered method. Batch 1:
-#: the demo fine-tunes LoRA-PT at 5e-3 (3e-3 within 0.003 Dice of it); full fine-tuning moves
-#: every pre-trained weight, so its grid is 10x lower; DoRA is LoRA plus a magnitude per row
-#: and gets LoRA's grid.
-LR_GRID = {"decoder": [2e-3, 5e-3], "full": [2e-4, 5e-4], "lora": [2e-3, 5e-3],
-           "pissa": [2e-3, 5e-3], "dora": [2e-3, 5e-3], "lorapt": [2e-3, 5e-3]}
+#: learning-rate grids (Adam, amsgrad, poly decay) of the sweep, per registered method: three
+#: rates, geometric with factor 2.5 around 5e-3 (full fine-tuning, which moves every
+#: pre-trained weight, 10x lower). Why there: in the two-rate sweep of 2026-11-27
+#: (``bench/results/compare_cpu_2core_2026-11-27/lr_choice.json``) every variant chose the
+#: upper rate, 5e-3 over 2e-3 (decoder-only, LoRA, PiSSA by 0.075-0.09 validation Dice, LoRA-PT
+#: by 0.005-0.01; full 5e-4 over 2e-4 by 0.13), so the optimum was not bracketed from above;
+#: both old rates stay in the grid and 1.25e-2 (1.25e-3) tests the other side. The demo
+#: fine-tunes at 5e-3. That sweep predates the per-factor adapter rates of LoRA-PT and PiSSA
+#: (``tsvd.peft`` FACTOR_RATE, 2026-12-04) and the current embedded benchmark, so the centre
+#: is a guess from old evidence: the report flags a chosen rate at an end of its grid.
+#: DoRA is LoRA plus a magnitude per row and gets LoRA's grid; the ``:nodec`` variants use
+#: their method's grid (a sweep of their own).
+LR_GRID = {"decoder": [2e-3, 5e-3, 1.25e-2], "full": [2e-4, 5e-4, 1.25e-3],
+           "lora": [2e-3, 5e-3, 1.25e-2], "pissa": [2e-3, 5e-3, 1.25e-2],
+           "dora": [2e-3, 5e-3, 1.25e-2], "lorapt": [2e-3, 5e-3, 1.25e-2]}
 QUICK_LR_GRID = dict(LR_GRID)
 #: names in the tables
 NAMES = {"decoder": "decoder-only", "full": "full", "lora": "LoRA", "pissa": "PiSSA",
          "dora": "DoRA", "lorapt": "LoRA-PT"}
 
-#: the full comparison (CPU preset). Sizing: 9 variants, 2 protocols, 2 regimes, 3 seeds =
-#: 108 final runs + 18 sweep runs (9 of them reused as final runs) = 117 trainings of 64 steps
-#: (batch 1, as the demo) + 108 test evaluations. On this 2-core machine (2026-11-27), with
-#: 2 worker processes of 1 thread: 1.5-1.9 s per step and worker, 1 h 30 min in all for the
-#: 6 variants without DoRA (measured; 78 trainings), plus the one-off dataset building and
-#: pre-training (cached). Post-processing as
+#: the full comparison (CPU preset). Sizing: 9 trained variants, 2 protocols, 2 regimes, 3
+#: seeds = 108 final runs + 27 sweep runs (3 rates each; 9 of them reused as final runs) =
+#: 126 trainings of 64 steps (batch 1, as the demo) + 108 test evaluations of 20 subjects.
+#: Measured on this 2-core machine (2026-11-27), with 2 worker processes of 1 thread:
+#: 1.5-1.9 s per step and worker, 1 h 30 min in all for 6 variants without DoRA (78
+#: trainings and 72 evaluations of 8 subjects: about 69 s per training, evaluation included). Estimated from those figures,
+#: not measured: 126 × 69 s ≈ 2 h 25 min, plus the 12 more test subjects per evaluation
+#: (about 1.1 s each: that run's calibration, 2 × 0.15 s preprocessing + 0.34 s forward, times
+#: its measured/estimated ratio 1.75) ≈ 12 min with 2 workers: about 2 h 40 min, within the
+#: issue's 6 h; the step time of the adapters-only variants was not measured (counted as a
+#: full step). Plus the one-off dataset building and pre-training (cached). Post-processing as
 #: the demo: the 2 largest connected components are kept (left and right hippocampus).
 #: Test subjects: 20 per protocol (issue 12: >= 20), subjects ``test_start`` ..
 #: ``test_start + 19`` of the protocol's test seed range (``embedded.build_dataset``).
@@ -60,7 +72,7 @@ FULL = {
     "seeds": 3, "epochs": 4, "samples_per_epoch": 16, "batch_size": 1, "keep_components": 2,
     "regimes": {"full-data": 1.0, "low-data": 0.25}, "sweep": "method",
 }
-#: --quick: one seed, one protocol, the full-data regime, 3 × 16 samples, two rates per method
+#: --quick: one seed, one protocol, the full-data regime, 3 × 16 samples, three rates per method
 QUICK = dict(FULL, protocols=["neuromorphometrics"], seeds=1, epochs=3,
              regimes={"full-data": 1.0})
 

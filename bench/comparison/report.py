@@ -12,9 +12,9 @@ import numpy as np
 
 from .common import (atomic_write, fmt_lr, fmt_mb, fmt_num, fmt_p, fmt_pm, seed_stats,
                      write_csv, write_json)
-from .plan import display_name, steps_per_run, variant_label
+from .plan import display_name, steps_per_run, sweep_key, variant_label
 
-__all__ = ["REFERENCE", "MIN_PAIRS", "aggregate", "subject_means", "paired_test",
+__all__ = ["REFERENCE", "MIN_PAIRS", "grid_edge", "aggregate", "subject_means", "paired_test",
            "paired_tests", "markdown", "write_reports", "plot_dice_vs_params", "plot_curves"]
 
 #: the method every other one is compared with, subject by subject
@@ -24,15 +24,35 @@ REFERENCE = "lorapt"
 MIN_PAIRS = 6
 
 SUMMARY_FIELDS = ["regime", "protocol", "variant", "method", "rank", "train_decoder", "lr",
-                  "seeds", "dice_mean", "dice_std", "hd95_mean", "hd95_std", "trainable_parameters",
+                  "lr_at_grid_edge", "seeds", "dice_mean", "dice_std", "hd95_mean", "hd95_std", "trainable_parameters",
                   "adapter_parameters", "artefact_bytes", "time_per_step_s", "peak_mem_mb"]
 
 
-def aggregate(runs: list[dict], variants: list[dict]) -> list[dict]:
+def grid_edge(lr, rates) -> str | None:
+    """Where the chosen rate ``lr`` sits in the swept ``rates``: None when strictly inside
+    (the validation optimum is bracketed), else ``"lowest"``, ``"highest"`` or ``"single
+    rate"`` (one rate brackets nothing)."""
+    rates = sorted(float(x) for x in rates)
+    if lr is None or not rates:
+        return None
+    if len(rates) == 1:
+        return "single rate"
+    if float(lr) <= rates[0]:
+        return "lowest"
+    if float(lr) >= rates[-1]:
+        return "highest"
+    return None
+
+
+def aggregate(runs: list[dict], variants: list[dict], lr_choice: dict | None = None,
+              S: dict | None = None) -> list[dict]:
     """Mean ± sample std over seeds per (regime, protocol, variant), in variant order; the
     cells of baselines carry ``paired`` (:func:`paired_tests` against each LoRA-PT variant
-    of the same regime and protocol)."""
+    of the same regime and protocol). With the sweep's ``lr_choice`` and the settings ``S``,
+    each cell has ``lr_grid`` (the rates its sweep tried) and ``lr_at_grid_edge``
+    (:func:`grid_edge`: None when its rate is inside the grid)."""
     order = {v["name"]: i for i, v in enumerate(variants)}
+    by_name = {v["name"]: v for v in variants}
     cells: dict = {}
     for r in runs:
         if r.get("test_dice") is None:
@@ -48,9 +68,14 @@ def aggregate(runs: list[dict], variants: list[dict]) -> list[dict]:
 
         def first(k):
             return rs[0].get(k)
+        choice = None
+        if lr_choice and S and name in by_name:
+            choice = lr_choice.get(sweep_key(S, reg, prot, by_name[name]))
         out.append({
             "regime": reg, "protocol": prot, "variant": name, "method": first("method"),
-            "rank": first("rank"), "train_decoder": first("train_decoder"), "lr": first("lr"), "seeds": [r["seed"] for r in rs],
+            "rank": first("rank"), "train_decoder": first("train_decoder"), "lr": first("lr"),
+            "lr_grid": choice.get("grid") if choice else None,
+            "lr_at_grid_edge": choice.get("at_grid_edge") if choice else None, "seeds": [r["seed"] for r in rs],
             "train_subjects": first("train_subjects"),
             "dice": seed_stats([r["test_dice"] for r in rs]),
             "hd95_mm": seed_stats([r["test_hd95_mm"] for r in rs]),
@@ -176,12 +201,21 @@ def markdown(summ: list[dict], S: dict, steps: int) -> str:
             pm = s.get("peak_mem_mb")
             lines.append(
                 f"| {s['protocol']} | {display_name(s['method'], s.get('train_decoder'))} | "
-                f"{s['rank'] if s['rank'] else '–'} | {fmt_lr(s['lr'])} | {fmt_pm(s['dice'])} | "
+                f"{s['rank'] if s['rank'] else '–'} | {fmt_lr(s['lr'])}"
+                f"{' †' if s.get('lr_at_grid_edge') else ''} | {fmt_pm(s['dice'])} | "
                 f"{fmt_pm(s['hd95_mm'], 2)} | {fmt_num(s['trainable_parameters'])} "
                 f"({pct:.1f} %; {fmt_num(s.get('adapter_parameters'))}) | "
                 f"{fmt_mb(s.get('artefact_bytes'))} | "
                 f"{'n/a' if tps is None or not math.isfinite(tps) else f'{tps:.2f}'} | "
                 f"{'n/a' if pm is None or not math.isfinite(pm) else f'{pm / 1024:.2f} GB'} |")
+        edge = [s for s in rs if s.get("lr_at_grid_edge")]
+        if edge:
+            lines += ["", "† chosen rate at an end of its grid (the validation optimum was "
+                      "not bracketed; a rate outside the grid may do better): " + "; ".join(
+                          f"{s['protocol']} {variant_label(s)}: {fmt_lr(s['lr'])}, "
+                          f"{s['lr_at_grid_edge']} of "
+                          f"{', '.join(fmt_lr(x) for x in s.get('lr_grid') or [])}"
+                          for s in edge)]
         lines.append("")
         tests = [t for s in rs for t in s.get("paired", [])]
         if tests:
@@ -214,7 +248,7 @@ def write_reports(out, runs: list[dict], lr_choice: dict, variants: list[dict], 
     write_json(out / "runs.json", runs)
     write_json(out / "lr_choice.json", lr_choice)
     final = [r for r in runs if r.get("final")]
-    summ = aggregate(final, variants)
+    summ = aggregate(final, variants, lr_choice, S)
     write_json(out / "summary.json", summ)
     flat = [{**{k: s[k] for k in SUMMARY_FIELDS if k in s},
              "dice_mean": s["dice"]["mean"], "dice_std": s["dice"]["std"],

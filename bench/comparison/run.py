@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import plan as P
 from .common import CompareError, fmt_lr, fmt_time, read_json, write_json
-from .report import write_reports
+from .report import grid_edge, write_reports
 
 __all__ = ["ENTRY", "Comparison", "PeakMemory", "worker_main", "prepare_data", "pretrain",
            "read_curves", "trainable_counts", "cuda_available"]
@@ -556,14 +556,17 @@ class Comparison:
             vd = r["val_dice"]
             return (vd if vd is not None and math.isfinite(vd) else -1.0, -r["lr"])
         best = max(cands, key=score)
+        rates = sorted(r["lr"] for r in cands)
+        edge = grid_edge(best["lr"], rates)
         self.lr_choice[key] = {"sweep": key, "lr": best["lr"], "val_dice": best["val_dice"],
-                               "val_dice_by_lr": vals}
+                               "val_dice_by_lr": vals, "grid": rates, "at_grid_edge": edge}
         for r in cands:
             r["chosen"] = r is best
             write_json(Path(r["run_dir"]) / "result.json", r)
         self.log(f"    learning rate chosen for {key}: {fmt_lr(best['lr'])} (validation Dice "
                  f"by rate: " + ", ".join(f"{k}: {v:.4f}" if v is not None else f"{k}: n/a"
-                                          for k, v in vals.items()) + ")")
+                                          for k, v in vals.items()) + ")"
+                 + (f"; {edge} of the grid: the optimum is not bracketed" if edge else ""))
 
     def _report_progress(self, tag, res, jobs, fresh):
         parts = [] if fresh else ["done before"]
