@@ -347,7 +347,8 @@ def test_methods_come_from_the_registry_and_dora_is_a_variant(setup):
     import tsvd.peft
     assert PL.methods() == tuple(tsvd.peft.METHODS) and "dora" in PL.methods()
     # every registered method has a grid and a name in the tables
-    assert set(PL.LR_GRID) == set(PL.methods()) == set(PL.QUICK_LR_GRID) == set(PL.NAMES)
+    assert set(PL.LR_GRID) == set(PL.methods()) == set(PL.QUICK_LR_GRID)
+    assert set(PL.NAMES) == set(PL.methods()) | {"prior"}
     assert PL.LR_GRID["dora"] == PL.LR_GRID["lora"]
     assert PL.display_name("dora") == "DoRA"
     assert "dora-r8" in [v["name"] for v in PL.parse_variants(PL.DEFAULT_VARIANTS)]
@@ -610,13 +611,16 @@ def test_lr_grids_three_geometric_rates_and_plan_counts():
         assert PL.LR_GRID[m] == PL.LR_GRID["lorapt"]
     assert PL.LR_GRID["full"] == pytest.approx([x / 10 for x in PL.LR_GRID["lorapt"]])
     # the sizing comment's counts: 9 trained variants × 3 rates of sweep, 2 × 2 × 3 final runs
-    # each, the 9 seed-0 final runs of the first cell reuse their sweep run
+    # each, the 9 seed-0 final runs of the first cell reuse their sweep run; the template
+    # prior once per (regime, protocol), first
     S = PL.check_settings()
     vs = PL.parse_variants(PL.DEFAULT_VARIANTS)
     js = PL.jobs(S, vs, PL.LR_GRID)
     sweep = [j for j in js if j["phase"] == "sweep"]
     final = [j for j in js if j["phase"] == "final"]
-    assert (len(vs), len(sweep), len(final)) == (9, 27, 108)
+    assert [j["phase"] for j in js[:4]] == ["prior"] * 4
+    assert len(js) == 4 + len(sweep) + len(final)
+    assert (len(vs), len(sweep), len(final)) == (10, 27, 108)
     assert sum(j["reuses_sweep"] for j in final) == 9
     assert len(sweep) + len(final) - 9 == 126                  # trainings
 
@@ -657,3 +661,77 @@ def test_chosen_rate_at_grid_edge_is_flagged(setup):
     assert "| decoder-only | – | 0.0125 † |" in md and "| LoRA-PT | 8 | 0.005 |" in md
     assert "† chosen rate at an end of its grid" in md
     assert "decoder-only: 0.0125, highest of 0.002, 0.005, 0.0125" in md
+
+
+# ------------------------------------------------------------------------------------------
+# the template prior
+# ------------------------------------------------------------------------------------------
+class FakePrior:
+    """Stands in for demo.template_prior_scores: hand-set Dice per subject; sub13 empty."""
+
+    def __init__(self, dice: dict):
+        self.dice, self.calls = dice, []
+
+    def __call__(self, cases, protocol, cache):
+        self.calls.append(([c["name"] for c in cases], protocol, cache))
+        d = [self.dice[c["name"]] for c in cases]
+        e = [c["name"] == "sub13" for c in cases]
+        h = [100.0 if x else 5.0 for x in e]
+        return {"dice": {"mean": float(sum(d) / len(d)), "std": float("nan"), "n": len(d)},
+                "hd95_mm": {"mean": float(sum(h) / len(h)), "std": float("nan"), "n": len(h),
+                            "n_empty": sum(e)},
+                "n": len(d)}
+
+
+def test_template_prior_row_and_paired_baseline(tmp_path):
+    import statistics
+
+    from scipy.stats import wilcoxon
+    ds = {"neuromorphometrics": fake_dataset(tmp_path / "nm", n_train=4, n_valid=2, n_test=8)}
+    pre = tmp_path / "base.safetensors"
+    pre.write_bytes(b"base")
+    test_names = [f"sub{i}" for i in range(6, 14)]
+    hand = dict(zip(test_names, [0.40, 0.45, 0.52, 0.38, 0.47, 0.50, 0.41, 0.0]))
+    prior = FakePrior(hand)
+    S = _settings(seeds=1, protocols=["neuromorphometrics"], n_train=4, n_test=8)
+    kw = dict(datasets=ds, pretrained=pre, device="cpu", log=lambda *a: None, plots=False,
+              cache=tmp_path / "cache")
+    vs = PL.parse_variants("lorapt:8,prior")
+    assert vs[1] == {"name": "template-prior", "method": "prior", "rank": None,
+                     "train_decoder": None}
+    fake = FakeTrainer()
+    cmp = RUN.Comparison(tmp_path / "out", S, vs, {"lorapt": [1e-3]}, train_fn=fake.train,
+                         evaluate_fn=fake.evaluate, prior_fn=prior, **kw)
+    cmp.run()
+    # one call per test subject (each alone, for the pairs), once for both regimes
+    assert prior.calls == [([n], "neuromorphometrics", tmp_path / "cache") for n in test_names]
+    assert all(c["adapter"]["method"] == "lorapt" for c in fake.train_cfgs)
+    summ = json.loads((tmp_path / "out" / "summary.json").read_text())
+    rows = [s for s in summ if s["variant"] == "template-prior"]
+    assert [s["regime"] for s in rows] == ["full-data", "low-data"]
+    for s in rows:
+        assert (s["rank"], s["lr"], s["seeds"], s["trainable_parameters"]) == (None, None, [], 0)
+        assert s["dice"]["mean"] == pytest.approx(statistics.mean(hand.values()))
+        assert s["dice_std_subjects"] == pytest.approx(statistics.stdev(hand.values()))
+        assert s["hd95_mm"]["mean"] == pytest.approx((7 * 5.0 + 100.0) / 8)
+        # a baseline of the paired test: LoRA-PT's subjects minus the prior's, scipy's p
+        (t,) = s["paired"]
+        lpt = next(r for r in cmp.final_runs() if r["variant"] == "lorapt-r8" and
+                   r["regime"] == s["regime"])
+        diff = [lpt["test_case_dice"][n] - hand[n] for n in test_names]
+        assert (t["reference"], t["n_pairs"]) == ("lorapt-r8", 8)
+        assert t["median_diff"] == pytest.approx(statistics.median(diff))
+        assert t["p_value"] == pytest.approx(wilcoxon(diff).pvalue)
+    with open(tmp_path / "out" / "summary.csv") as f:
+        csv_rows = [r for r in csv.DictReader(f) if r["variant"] == "template-prior"]
+    assert [(r["rank"], r["lr"], r["trainable_parameters"]) for r in csv_rows] == \
+        [("", "", "0")] * 2
+    md = (tmp_path / "out" / "results.md").read_text()
+    m = statistics.mean(hand.values())
+    assert f"| neuromorphometrics | template prior (no training) | – | – | {m:.3f} (± " in md
+    assert "| LoRA-PT r8 | template prior (no training) | 8 |" in md
+    # resumed: the prior is read back, not recomputed
+    again = FakePrior(hand)
+    RUN.Comparison(tmp_path / "out", S, vs, {"lorapt": [1e-3]}, train_fn=fake.train,
+                   evaluate_fn=fake.evaluate, prior_fn=again, **kw).run()
+    assert again.calls == []

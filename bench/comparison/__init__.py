@@ -8,11 +8,12 @@ on the validation split, mean ± std over seeds and per-subject paired tests.
     python bench/compare.py --estimate-only            # the plan and its estimated time
 
 What is compared (``--variants``, default
-``decoder,full,lora:8,pissa:8,dora:8,lorapt:4,lorapt:8,lorapt:8:nodec,lora:8:nodec``):
+``decoder,full,lora:8,pissa:8,dora:8,lorapt:4,lorapt:8,lorapt:8:nodec,lora:8:nodec,prior``):
 
 The methods are those of the library's registry (``tsvd.peft.METHODS``); a method with a
 ``rank`` option is given as ``METHOD:RANK`` (rank 8 when left out), e.g. ``dora:8``, and an
-adapter method with ``:nodec`` appended trains its adapters alone (``lorapt:8:nodec``):
+adapter method with ``:nodec`` appended trains its adapters alone (``lorapt:8:nodec``);
+``prior`` is the template prior:
 
 - ``decoder``: transformer encoder frozen, CNN encoder/decoder and head trained.
 - ``full``: every parameter trained.
@@ -31,9 +32,16 @@ adapter method with ``:nodec`` appended trains its adapters alone (``lorapt:8:no
   the same adapters with the CNN encoder/decoder and head frozen (``train_decoder=False``):
   the decoder is 85-90 % of the trainables of a PEFT row with it, so these rows show what the
   adapters do on their own. Each has a learning-rate sweep of its own.
+- ``prior`` ("template prior (no training)"): no training; each test subject's prediction is
+  the protocol's hippocampus of the undeformed template put on the subject's grid
+  (``tsvd.peft.seg.demo.template_prior_scores``, on the same test subjects), no image looked
+  at: the baseline any method must clearly beat. One row per (regime, protocol), the same
+  numbers in every regime (rank, lr "–", 0 parameters); mean over the test subjects ± their
+  std, as it has no seeds; a baseline of the paired tests.
 
 Protocol, identical for every variant (only the method, its rank, whether the decoder trains
-and the learning rate differ; ``tests/test_compare.py`` checks this on the configurations handed to ``train()``):
+and the learning rate differ; ``tests/test_compare.py`` checks this on the configurations
+handed to ``train()``):
 
 1. Data: the embedded datasets of ``tsvd.peft.seg.embedded`` (MNI152 template warped into
    synthetic subjects, hippocampus labelled by each atlas protocol), built once with dataset
@@ -65,11 +73,12 @@ and the learning rate differ; ``tests/test_compare.py`` checks this on the confi
    its original grid; a run's numbers are the means over the test subjects, the table gives
    the mean ± sample standard deviation (ddof = 1) of those over the seeds.
 6. Paired comparison: for each (regime, protocol), every LoRA-PT variant against every other
-   variant on the same test subjects: each subject's Dice averaged over a variant's seeds,
-   the differences (LoRA-PT − baseline) paired by subject, their median and mean, and the
-   two-sided Wilcoxon signed-rank test (``scipy.stats.wilcoxon``, zero differences dropped);
-   "n/a" with fewer than 6 subjects or non-zero differences. In ``results.md`` under each
-   regime's table and in ``summary.json`` (``paired`` of each baseline's cell).
+   variant (the template prior included) on the same test subjects: each subject's Dice
+   averaged over a variant's seeds, the differences (LoRA-PT − baseline) paired by subject,
+   their median and mean, and the two-sided Wilcoxon signed-rank test
+   (``scipy.stats.wilcoxon``, zero differences dropped); "n/a" with fewer than 6 subjects or
+   non-zero differences. In ``results.md`` under each regime's table and in ``summary.json``
+   (``paired`` of each baseline's cell).
 
 Measured per run: trainable parameters (adapter / other / total, from the run's summary and
 ``tsvd.peft``), size of the saved artefact file (adapter file for PEFT methods, whole model for

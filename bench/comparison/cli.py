@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated METHOD[:RANK][:nodec], METHOD one of "
                     f"{', '.join(P.methods())}; RANK (default 8) only for methods with a rank; "
                     ":nodec (adapter methods only) trains the adapters alone, CNN "
-                    "encoder/decoder and head frozen, e.g. lorapt:8:nodec "
+                    "encoder/decoder and head frozen, e.g. lorapt:8:nodec; prior: the "
+                    "template prior (no training) "
                     "(default %(default)s)")
     ap.add_argument("--seeds", type=int, help=f"training seeds 0..N-1 (default {F['seeds']}, "
                     f"--quick {Q['seeds']})")
@@ -155,19 +156,22 @@ def _main(args) -> int:
         raise CompareError(f"--pretrained {pre}: file not found")
     print(f"data and pre-trained weights ready in {fmt_time(time.time() - t0)}; base {pre}")
     cmp = Comparison(out, S, variants, grid, datasets=datasets, pretrained=pre,
-                     device=args.device, verbose=args.verbose, workers=args.workers,
-                     threads_per_worker=args.threads)
+                     device=args.device, cache=cache, verbose=args.verbose,
+                     workers=args.workers, threads_per_worker=args.threads)
     jobs = cmp.plan()
     todo = [j for j in jobs if not cmp.is_done(j)]
     n_reused = sum(1 for j in jobs if j.get("reuses_sweep"))
+    n_prior = sum(1 for j in jobs if j["phase"] == "prior")
     print(f"plan: {len(S['regimes'])} regime(s) {list(S['regimes'])} × {len(S['protocols'])} "
           f"protocol(s) {S['protocols']} × {len(variants)} variants "
           f"[{', '.join(v['name'] for v in variants)}]; seeds {S['seeds']}; learning rates "
-          + _grid_text({m: grid[m] for m in dict.fromkeys(v['method'] for v in variants)})
-          + f"\n      {len(jobs)} runs ({len(jobs) - n_reused} trainings of {S['epochs']} "
-          f"epochs × {S['samples_per_epoch']} samples, batch {S['batch_size']}, "
-          f"{cmp.steps_per_run()} steps; {n_reused} final runs are sweep runs evaluated on "
-          f"the test split); {len(jobs) - len(todo)} done before, {len(todo)} to run")
+          + _grid_text({m: grid[m] for m in dict.fromkeys(v['method'] for v in variants
+                                                         if not P.is_prior(v))})
+          + f"\n      {len(jobs)} runs ({len(jobs) - n_reused - n_prior} trainings of "
+          f"{S['epochs']} epochs × {S['samples_per_epoch']} samples, batch "
+          f"{S['batch_size']}, {cmp.steps_per_run()} steps; {n_reused} final runs are sweep "
+          f"runs evaluated on the test split; {n_prior} template-prior evaluations); "
+          f"{len(jobs) - len(todo)} done before, {len(todo)} to run")
     cal = None
     if todo and not args.no_calibrate:
         cal = P.calibrate(S, variants, datasets[S["protocols"][0]], args.device)

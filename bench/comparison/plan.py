@@ -15,17 +15,19 @@ import numpy as np
 from .common import CompareError, fmt_lr, n_used, read_json
 
 __all__ = ["DEFAULT_VARIANTS", "LR_GRID", "QUICK_LR_GRID", "NAMES", "FULL", "QUICK",
-           "NODEC", "methods", "takes_rank", "uses_adapters", "display_name", "variant_label",
-           "parse_variants", "parse_lrs", "check_settings", "plan_record", "check_plan_file", "steps_per_run", "sweep_key",
-           "jobs", "run_dir", "run_config", "estimate_run", "calibrate"]
+           "NODEC", "PRIOR", "methods", "takes_rank", "uses_adapters", "is_prior",
+           "display_name", "variant_label", "parse_variants", "parse_lrs", "check_settings",
+           "plan_record", "check_plan_file", "steps_per_run", "sweep_key", "jobs", "run_dir",
+           "prior_dir", "run_config", "estimate_run", "calibrate"]
 
 #: DoRA is among the defaults: its training step costs about 1.06x LoRA's (cpu preset, batch 1,
 #: 1 thread, 6 steps of decoder/lora/dora/lorapt interleaved in one process, 2026-12-04).
 #: ``lorapt:8:nodec`` and ``lora:8:nodec`` train the adapters alone (CNN encoder/decoder and
 #: head frozen; issue 12: the decoder is 85-90 % of every PEFT run's trainables, so the
 #: rows with it mostly measure the decoder); each is one more variant (sizing: see FULL).
+#: ``prior``: the template prior, the no-training baseline every method must beat.
 DEFAULT_VARIANTS = ("decoder,full,lora:8,pissa:8,dora:8,lorapt:4,lorapt:8,lorapt:8:nodec,"
-                    "lora:8:nodec")
+                    "lora:8:nodec,prior")
 #: learning-rate grids (Adam, amsgrad, poly decay) of the sweep, per registered method: three
 #: rates, geometric with factor 2.5 around 5e-3 (full fine-tuning, which moves every
 #: pre-trained weight, 10x lower). Why there: in the two-rate sweep of 2026-11-27
@@ -44,20 +46,27 @@ LR_GRID = {"decoder": [2e-3, 5e-3, 1.25e-2], "full": [2e-4, 5e-4, 1.25e-3],
 QUICK_LR_GRID = dict(LR_GRID)
 #: names in the tables
 NAMES = {"decoder": "decoder-only", "full": "full", "lora": "LoRA", "pissa": "PiSSA",
-         "dora": "DoRA", "lorapt": "LoRA-PT"}
+         "dora": "DoRA", "lorapt": "LoRA-PT", "prior": "template prior (no training)"}
+#: the template prior (``--variants prior``): no training; each test subject's prediction is
+#: the protocol's hippocampus of the undeformed template on the subject's grid
+#: (``tsvd.peft.seg.demo.template_prior_scores``), no image looked at; one row per (regime,
+#: protocol), the same numbers in every regime
+PRIOR = {"name": "template-prior", "method": "prior", "rank": None, "train_decoder": None}
 
 #: the full comparison (CPU preset). Sizing: 9 trained variants, 2 protocols, 2 regimes, 3
 #: seeds = 108 final runs + 27 sweep runs (3 rates each; 9 of them reused as final runs) =
 #: 126 trainings of 64 steps (batch 1, as the demo) + 108 test evaluations of 20 subjects.
 #: Measured on this 2-core machine (2026-11-27), with 2 worker processes of 1 thread:
 #: 1.5-1.9 s per step and worker, 1 h 30 min in all for 6 variants without DoRA (78
-#: trainings and 72 evaluations of 8 subjects: about 69 s per training, evaluation included). Estimated from those figures,
-#: not measured: 126 × 69 s ≈ 2 h 25 min, plus the 12 more test subjects per evaluation
-#: (about 1.1 s each: that run's calibration, 2 × 0.15 s preprocessing + 0.34 s forward, times
-#: its measured/estimated ratio 1.75) ≈ 12 min with 2 workers: about 2 h 40 min, within the
-#: issue's 6 h; the step time of the adapters-only variants was not measured (counted as a
-#: full step). Plus the one-off dataset building and pre-training (cached). Post-processing as
-#: the demo: the 2 largest connected components are kept (left and right hippocampus).
+#: trainings and 72 evaluations of 8 subjects: about 69 s per training, evaluation
+#: included). Estimated from those figures, not measured: 126 × 69 s ≈ 2 h 25 min, plus the
+#: 12 more test subjects per evaluation (about 1.1 s each: that run's calibration, 2 × 0.15 s
+#: preprocessing + 0.34 s forward, times its measured/estimated ratio 1.75) ≈ 12 min with 2
+#: workers: about 2 h 40 min, within the issue's 6 h; the step time of the adapters-only
+#: variants was not measured (counted as a full step), the template prior (4 evaluations, no
+#: training) is left out. Plus the one-off dataset building and pre-training (cached).
+#: Post-processing as the demo: the 2 largest connected components are kept (left and right
+#: hippocampus).
 #: Test subjects: 20 per protocol (issue 12: >= 20), subjects ``test_start`` ..
 #: ``test_start + 19`` of the protocol's test seed range (``embedded.build_dataset``).
 #: Augmentation: random flips along all three axes (issue 12 item 6; as the demo and the
@@ -99,6 +108,11 @@ def uses_adapters(method: str) -> bool:
     return bool(get_method(method).uses_targets)
 
 
+def is_prior(variant: dict) -> bool:
+    """Whether ``variant`` is the template prior (:data:`PRIOR`): nothing to train."""
+    return variant.get("method") == PRIOR["method"]
+
+
 def display_name(method: str, train_decoder=True) -> str:
     """The method's name in the tables (its registry name when it has no entry in NAMES);
     ``train_decoder=False``: with `` (adapters only)``."""
@@ -131,15 +145,23 @@ def parse_variants(text: str) -> list[dict]:
       (adapters only) r8``, with a learning-rate sweep of its own. ``lorapt:nodec`` is
       ``lorapt:8:nodec``.
 
+    ``prior`` is the template prior (:data:`PRIOR`, no training).
+
     Anything else is a CompareError naming ``--variants``."""
     known = methods()
     out, seen = [], set()
     for part in [p.strip() for p in str(text).split(",") if p.strip()]:
+        if part == PRIOR["method"]:
+            if PRIOR["name"] in seen:
+                raise CompareError(f"--variants: {PRIOR['method']} given twice")
+            seen.add(PRIOR["name"])
+            out.append(dict(PRIOR))
+            continue
         method, *rest = [x.strip() for x in part.split(":")]
         if method not in known:
             raise CompareError(f"--variants: unknown method {method!r} in {part!r} "
                                f"(expected one of {', '.join(known)}, e.g. lorapt:8 or "
-                               f"lorapt:8:{NODEC})")
+                               f"lorapt:8:{NODEC}, or {PRIOR['method']})")
         nodec = bool(rest) and rest[-1] == NODEC
         if nodec:
             rest = rest[:-1]
@@ -271,16 +293,23 @@ def sweep_key(S: dict, regime: str, protocol: str, variant: dict) -> str:
 
 
 def jobs(S: dict, variants: list[dict], lr_grid: dict) -> list[dict]:
-    """Every run in order. First the sweeps (seed 0, every rate of the variant's grid),
-    then the final runs, seeds outermost (a complete one-seed table comes first): each
-    (regime, protocol, variant, seed) at its sweep's chosen rate (``lr=None`` until the
-    choice). A final run whose configuration is a sweep run's is that run (``reuses_sweep``),
-    not retrained."""
+    """Every run in order. First the template prior (phase ``"prior"``, one per (regime,
+    protocol), when it is among the variants), then the sweeps (seed 0, every rate of the
+    variant's grid), then the final runs, seeds outermost (a complete one-seed table comes
+    first): each (regime, protocol, variant, seed) at its sweep's chosen rate (``lr=None``
+    until the choice). A final run whose configuration is a sweep run's is that run
+    (``reuses_sweep``), not retrained."""
     out = []
     cells = [(r, p) for r in S["regimes"] for p in S["protocols"]]
     mode = S.get("sweep", "method")
     if mode not in ("method", "cell"):
         raise CompareError(f"sweep: expected 'method' or 'cell', got {mode!r}")
+    prior = [v for v in variants if is_prior(v)]
+    variants = [v for v in variants if not is_prior(v)]
+    for regime, protocol in cells:
+        for v in prior:
+            out.append({"regime": regime, "protocol": protocol, "variant": v, "lr": None,
+                        "seed": None, "phase": "prior", "key": None})
     for regime, protocol in (cells[:1] if mode == "method" else cells):
         for v in variants:
             for lr in lr_grid[v["method"]]:
@@ -302,6 +331,11 @@ def run_dir(out, protocol: str, regime: str, variant: dict, lr: float, seed: int
     """``out/runs/REGIME/PROTOCOL/VARIANT/lrLR/seedS``."""
     return (Path(out) / "runs" / regime / protocol / variant["name"] / f"lr{fmt_lr(lr)}" /
             f"seed{seed}")
+
+
+def prior_dir(out, protocol: str, regime: str) -> Path:
+    """``out/runs/REGIME/PROTOCOL/template-prior``: the template prior's result."""
+    return Path(out) / "runs" / regime / protocol / PRIOR["name"]
 
 
 def run_config(S: dict, dataset, pretrained, n_train: int, regime: str, variant: dict,
@@ -343,6 +377,8 @@ def estimate_run(S: dict, n_train: int, job: dict, cal) -> float:
         return float("nan")
     n_tr = n_used(n_train, S["regimes"][job["regime"]])
     nv, nt = S["n_valid"], S["n_test"]
+    if job["phase"] == "prior":        # a guess, not calibrated: load a label, resample one
+        return nt * 2 * cal["case_s"]
     test = nt * (2 * cal["case_s"] + cal["fwd_s"])
     if job["phase"] == "final" and job.get("reuses_sweep"):
         return test
@@ -376,7 +412,7 @@ def calibrate(S: dict, variants: list[dict], dataset: Path, device="auto", steps
     def sync():
         if dev.type == "cuda":
             torch.cuda.synchronize()
-    for v in variants:
+    for v in [v for v in variants if not is_prior(v)]:
         torch.manual_seed(0)
         model = build_unetr(S["preset"])
         t0 = time.time()

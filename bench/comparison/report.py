@@ -12,7 +12,7 @@ import numpy as np
 
 from .common import (atomic_write, fmt_lr, fmt_mb, fmt_num, fmt_p, fmt_pm, seed_stats,
                      write_csv, write_json)
-from .plan import display_name, steps_per_run, sweep_key, variant_label
+from .plan import PRIOR, display_name, steps_per_run, sweep_key, variant_label
 
 __all__ = ["REFERENCE", "MIN_PAIRS", "grid_edge", "aggregate", "subject_means", "paired_test",
            "paired_tests", "markdown", "write_reports", "plot_dice_vs_params", "plot_curves"]
@@ -24,8 +24,9 @@ REFERENCE = "lorapt"
 MIN_PAIRS = 6
 
 SUMMARY_FIELDS = ["regime", "protocol", "variant", "method", "rank", "train_decoder", "lr",
-                  "lr_at_grid_edge", "seeds", "dice_mean", "dice_std", "hd95_mean", "hd95_std", "trainable_parameters",
-                  "adapter_parameters", "artefact_bytes", "time_per_step_s", "peak_mem_mb"]
+                  "lr_at_grid_edge", "seeds", "dice_mean", "dice_std", "hd95_mean", "hd95_std",
+                  "trainable_parameters", "adapter_parameters", "artefact_bytes",
+                  "time_per_step_s", "peak_mem_mb"]
 
 
 def grid_edge(lr, rates) -> str | None:
@@ -64,7 +65,7 @@ def aggregate(runs: list[dict], variants: list[dict], lr_choice: dict | None = N
     out = []
     for (reg, prot, name), rs in sorted(cells.items(), key=lambda kv: (
             regimes.index(kv[0][0]), protocols.index(kv[0][1]), order.get(kv[0][2], 99))):
-        rs = sorted(rs, key=lambda r: r["seed"])
+        rs = sorted(rs, key=lambda r: -1 if r["seed"] is None else r["seed"])
 
         def first(k):
             return rs[0].get(k)
@@ -75,10 +76,15 @@ def aggregate(runs: list[dict], variants: list[dict], lr_choice: dict | None = N
             "regime": reg, "protocol": prot, "variant": name, "method": first("method"),
             "rank": first("rank"), "train_decoder": first("train_decoder"), "lr": first("lr"),
             "lr_grid": choice.get("grid") if choice else None,
-            "lr_at_grid_edge": choice.get("at_grid_edge") if choice else None, "seeds": [r["seed"] for r in rs],
+            "lr_at_grid_edge": choice.get("at_grid_edge") if choice else None,
+            "seeds": [r["seed"] for r in rs if r["seed"] is not None],
             "train_subjects": first("train_subjects"),
             "dice": seed_stats([r["test_dice"] for r in rs]),
             "hd95_mm": seed_stats([r["test_hd95_mm"] for r in rs]),
+            # sample std over the test subjects, averaged over the seeds
+            "dice_std_subjects": seed_stats([r.get("test_dice_std_cases") for r in rs])["mean"],
+            "hd95_std_subjects": seed_stats([r.get("test_hd95_std_cases") for r in rs])["mean"],
+            "test_subjects": first("test_cases"),
             "val_dice": seed_stats([r.get("val_dice") for r in rs]),
             "trainable_parameters": first("trainable_parameters"),
             "adapter_parameters": first("adapter_parameters"),
@@ -167,6 +173,20 @@ def _variant_label(name: str, summ: list[dict]) -> str:
     return name if s is None else variant_label(s)
 
 
+def _prior_row(s: dict) -> str:
+    """The template prior's line of a results.md table: no training, so no seeds; its Dice
+    and HD95 are the means over the test subjects, ± their sample std over the subjects."""
+    def cell(stats, sd, nd):
+        m = stats["mean"]
+        if not math.isfinite(m):
+            return "n/a"
+        return f"{m:.{nd}f}" + (f" (± {sd:.{nd}f} over subjects)"
+                                if sd is not None and math.isfinite(sd) else "")
+    return (f"| {s['protocol']} | {display_name(s['method'])} | – | – | "
+            f"{cell(s['dice'], s.get('dice_std_subjects'), 3)} | "
+            f"{cell(s['hd95_mm'], s.get('hd95_std_subjects'), 2)} | 0 | – | – | – |")
+
+
 def markdown(summ: list[dict], S: dict, steps: int) -> str:
     """``results.md``: per regime, the table of every (protocol, variant), then the paired
     per-subject comparison of LoRA-PT against each baseline."""
@@ -178,8 +198,13 @@ def markdown(summ: list[dict], S: dict, steps: int) -> str:
              f"seed range), mean ± std over seeds "
              f"(std: sample, ddof=1). Learning rate: best validation Dice of the sweep "
              f"(seed 0)."]
+    if any(s["method"] == PRIOR["method"] for s in summ):
+        lines[-1] += (" Template prior: no training; each test subject's prediction is the "
+                      "protocol's hippocampus of the undeformed template on the subject's "
+                      "grid (no image looked at); mean over the test subjects ± their sample "
+                      "std, the same in every regime.")
     par = sorted({(s.get("workers"), s.get("threads")) for s in summ
-                  if s.get("workers") is not None})
+                  if s.get("workers") is not None and s["method"] != PRIOR["method"]})
     if par:
         lines[-1] += " s/step: training time per optimizer step of one run (augmentation, " \
             "forward, backward, update), with " + " / ".join(
@@ -189,12 +214,17 @@ def markdown(summ: list[dict], S: dict, steps: int) -> str:
     for regime in dict.fromkeys(s["regime"] for s in summ):
         rs = [s for s in summ if s["regime"] == regime]
         frac = S["regimes"].get(regime)
-        lines += [f"## {regime} ({rs[0]['train_subjects']} training subjects"
+        n_tr = next((s["train_subjects"] for s in rs if s.get("train_subjects") is not None),
+                    "?")
+        lines += [f"## {regime} ({n_tr} training subjects"
                   + (f", {100 * frac:.0f} %" if frac is not None else "") + ")", "",
                   "| protocol | method | rank | lr | Dice | HD95 (mm) | trainable params "
                   "(adapter) | artefact | s/step | peak mem |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for s in rs:
+            if s["method"] == PRIOR["method"]:
+                lines.append(_prior_row(s))
+                continue
             pct = 100.0 * s["trainable_parameters"] / s["model_parameters"] \
                 if s.get("model_parameters") else float("nan")
             tps = s.get("time_per_step_s")
@@ -288,7 +318,8 @@ _MARKERS = {"decoder": "s", "full": "D", "lora": "^", "pissa": "v", "dora": "P",
 
 def plot_dice_vs_params(summ: list[dict], path) -> None:
     """Test Dice (mean ± std over seeds) against trainable parameters, one panel per
-    (regime, protocol), one marker per method."""
+    (regime, protocol), one marker per method; the template prior (0 parameters) as a dashed
+    line."""
     if not summ:
         return
     plt = _plt()
@@ -300,6 +331,10 @@ def plot_dice_vs_params(summ: list[dict], path) -> None:
         for j, prot in enumerate(prots):
             ax = axes[i][j]
             for k, s in enumerate(x for x in summ if x["regime"] == reg and x["protocol"] == prot):
+                if s["method"] == PRIOR["method"]:      # 0 parameters: a line, not a point
+                    ax.axhline(s["dice"]["mean"], color="grey", ls="--", lw=1,
+                               label=display_name(s["method"]))
+                    continue
                 std = s["dice"]["std"] if math.isfinite(s["dice"]["std"]) else 0.0
                 ax.errorbar([s["trainable_parameters"]], [s["dice"]["mean"]], yerr=[std],
                             fmt=_MARKERS.get(s["method"], "o"), color=f"C{k}", capsize=3,

@@ -197,14 +197,16 @@ class Comparison:
     """Runs (resumably) and reports the comparison planned by :mod:`.plan`.
 
     ``datasets``: protocol -> dataset folder (EADC layout); ``pretrained``: base checkpoint.
-    ``train_fn`` / ``evaluate_fn`` default to :func:`tsvd.peft.seg.train.train` and
-    :func:`tsvd.peft.seg.infer.evaluate` (the tests replace them).
+    ``train_fn`` / ``evaluate_fn`` / ``prior_fn`` default to :func:`tsvd.peft.seg.train.train`,
+    :func:`tsvd.peft.seg.infer.evaluate` and :func:`tsvd.peft.seg.demo.template_prior_scores`
+    (the tests replace them); ``cache``: the cache folder handed to ``prior_fn``.
     """
 
     def __init__(self, out, settings: dict, variants: list[dict], lr_grid: dict, *,
                  datasets: dict, pretrained, device: str = "auto", train_fn=None,
-                 evaluate_fn=None, log=print, verbose: bool = False, plots: bool = True,
-                 workers: int = 1, threads_per_worker: int | None = None):
+                 evaluate_fn=None, prior_fn=None, cache=None, log=print,
+                 verbose: bool = False, plots: bool = True, workers: int = 1,
+                 threads_per_worker: int | None = None):
         self.out = Path(out)
         self.S = copy.deepcopy(settings)
         self.variants = variants
@@ -216,7 +218,11 @@ class Comparison:
             from tsvd.peft.seg.train import train as train_fn
         if evaluate_fn is None:
             from tsvd.peft.seg.infer import evaluate as evaluate_fn
-        self.train_fn, self.evaluate_fn = train_fn, evaluate_fn
+        if prior_fn is None:
+            from tsvd.peft.seg.demo import template_prior_scores as prior_fn
+        self.train_fn, self.evaluate_fn, self.prior_fn = train_fn, evaluate_fn, prior_fn
+        self.cache = cache
+        self._prior_memo: dict = {}
         self.log = log
         self.verbose = verbose
         self.plots = plots
@@ -231,7 +237,7 @@ class Comparison:
         if missing:
             raise CompareError(f"no dataset folder for protocol(s) {missing}")
         for v in variants:
-            if not lr_grid.get(v["method"]):
+            if not P.is_prior(v) and not lr_grid.get(v["method"]):
                 raise CompareError(f"learning-rate grid of {v['method']} is empty")
         self.n_train = {p: self._count_train(self.datasets[p]) for p in self.S["protocols"]}
         self.records: dict = {}            # run folder -> result (one per run)
@@ -271,6 +277,8 @@ class Comparison:
         return P.estimate_run(self.S, self.n_train[job["protocol"]], job, cal)
 
     def _job_dir(self, job) -> Path:
+        if job["phase"] == "prior":
+            return P.prior_dir(self.out, job["protocol"], job["regime"])
         return self.run_dir(job["protocol"], job["regime"], job["variant"], job["lr"],
                             job["seed"])
 
@@ -278,6 +286,9 @@ class Comparison:
         """Whether ``job`` is finished in the output folder: its ``result.json`` exists (for
         a final run: with the test numbers). A final run's learning rate is the sweep's
         choice in ``lr_choice.json``; before that choice it is not done."""
+        if job["phase"] == "prior":
+            p = self._job_dir(job) / "result.json"
+            return p.is_file() and read_json(p).get("test_dice") is not None
         if job["phase"] == "final" and job["lr"] is None:
             p = self.out / "lr_choice.json"
             c = (read_json(p) if p.is_file() else {}).get(job["key"])
@@ -393,10 +404,65 @@ class Comparison:
                     "test_case_dice": {c["case"]: c["dice"] for c in ev.get("cases", [])}
                     or None})
 
+    # -- the template prior ------------------------------------------------------------------
+    def _prior_scores(self, protocol: str) -> dict:
+        """The template prior on ``protocol``'s test subjects: ``prior_fn`` on each subject
+        alone (for the paired tests), its Dice, HD95 and empty flag per subject; once per
+        protocol and session."""
+        if protocol not in self._prior_memo:
+            from tsvd.peft.seg.data import load_cases
+            _, splits, _ = load_cases(self.datasets[protocol], "eadc")
+            cases = [c for c in splits["test"] if c.get("label")]
+            if not cases:
+                raise CompareError(f"{self.datasets[protocol]}: no labelled test subjects for "
+                                   f"the template prior")
+            rows = []
+            for c in cases:
+                sc = self.prior_fn([c], protocol, self.cache)
+                rows.append({"case": c["name"], "dice": sc["dice"]["mean"],
+                             "hd95_mm": sc["hd95_mm"]["mean"],
+                             "empty_prediction": bool(sc["hd95_mm"].get("n_empty", 0))})
+            self._prior_memo[protocol] = rows
+        return self._prior_memo[protocol]
+
+    def _prior_result(self, job) -> dict:
+        """The template prior's result (a final run of no training, lr and seed None), with
+        the test numbers of :meth:`_add_test` (``summarize`` over the subjects)."""
+        from tsvd.peft.seg.metrics import summarize
+        t0 = time.time()
+        rows = self._prior_scores(job["protocol"])
+        empty = [r["empty_prediction"] for r in rows]
+        ev = {"dice": summarize([r["dice"] for r in rows], empty=empty),
+              "hd95_mm": summarize([r["hd95_mm"] for r in rows], empty=empty), "cases": rows}
+        v = job["variant"]
+        res = {"regime": job["regime"], "protocol": job["protocol"], "variant": v["name"],
+               "method": v["method"], "rank": None, "train_decoder": None, "lr": None,
+               "seed": None, "sweep": False, "final": True, "chosen": None,
+               "dataset": str(self.datasets[job["protocol"]]), "train_subjects": None,
+               "epochs": 0, "steps": 0, "trainable_parameters": 0, "adapter_parameters": 0,
+               "model_parameters": None, "artefact_bytes": None, "val_dice": None,
+               "time_per_step_s": None, "peak_mem_mb": None, "mem_start_mb": None,
+               "mem_kind": None, "train_wall_s": 0.0, "wall_s": 0.0,
+               "run_dir": str(self._job_dir(job)), "curves": []}
+        self._add_test(res, ev)
+        res["wall_s"] = round(time.time() - t0, 2)
+        return res
+
     def execute(self, job):
         """Train and/or test one run, or reuse what its folder holds; returns (result,
         fresh) where fresh says whether anything was computed now."""
         v = job["variant"]
+        if job["phase"] == "prior":
+            p = self._job_dir(job) / "result.json"
+            if str(p.parent) in self.records:
+                return self.records[str(p.parent)], False
+            if p.is_file():
+                res = read_json(p)
+                if res.get("dataset") != str(self.datasets[job["protocol"]]):
+                    raise CompareError(f"{p}: made on another dataset ({res.get('dataset')}); "
+                                       f"use another --out or delete {p.parent}")
+                return res, False
+            return self._prior_result(job), True
         rdir = self._job_dir(job)
         res_path = rdir / "result.json"
         fresh = False
@@ -436,6 +502,11 @@ class Comparison:
         self.lr_choice = {}
         self._done_idx: set = set()
         t_start = self._last_plot = time.time()
+        for i, j in enumerate(jobs):          # the template prior: here, no training
+            if j["phase"] == "prior":
+                t0 = time.time()
+                res, fresh = self.execute(j)
+                self._record(jobs, i, res, fresh, time.time() - t0)
         sweep = [i for i, j in enumerate(jobs) if j["phase"] == "sweep"]
         final = [i for i, j in enumerate(jobs) if j["phase"] == "final"]
         self._run_phase(jobs, sweep)
@@ -450,6 +521,9 @@ class Comparison:
         return self.runs
 
     def _tag(self, i, job) -> str:
+        if job["phase"] == "prior":
+            return (f"[{i + 1}/{self._total}] template prior {job['regime']} "
+                    f"{job['protocol']}")
         return (f"[{i + 1}/{self._total}] {job['phase']} {job['regime']} {job['protocol']} "
                 f"{job['variant']['name']} lr={fmt_lr(job['lr'])} seed={job['seed']}")
 
