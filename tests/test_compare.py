@@ -735,3 +735,90 @@ def test_template_prior_row_and_paired_baseline(tmp_path):
     RUN.Comparison(tmp_path / "out", S, vs, {"lorapt": [1e-3]}, train_fn=fake.train,
                    evaluate_fn=fake.evaluate, prior_fn=again, **kw).run()
     assert again.calls == []
+
+
+# ------------------------------------------------------------------------------------------
+# summary.csv: paired columns against one LoRA-PT row, empty predictions, sample std
+# ------------------------------------------------------------------------------------------
+def test_summary_paired_columns_empty_counts_and_sample_std(tmp_path):
+    import random
+    import statistics
+
+    from scipy.stats import wilcoxon
+    subjects = [f"s{i}" for i in range(8)]
+    rng = random.Random(3)
+
+    def runs_of(variant, method, rank, td, val, level, seeds=2, empty=(0, 0)):
+        out = []
+        for seed in range(seeds):
+            cases = {s: level + rng.uniform(-0.1, 0.1) for s in subjects}
+            out.append({"regime": "full-data", "protocol": "p", "variant": variant,
+                        "method": method, "rank": rank, "train_decoder": td, "lr": 1e-3,
+                        "seed": seed, "final": True, "train_subjects": 8,
+                        "test_dice": statistics.mean(cases.values()), "test_hd95_mm": 2.0,
+                        "test_cases": len(cases), "test_empty": empty[seed],
+                        "val_dice": val, "trainable_parameters": 10, "adapter_parameters": 4,
+                        "model_parameters": 100, "artefact_bytes": 1, "test_case_dice": cases})
+        return out
+    # LoRA-PT r8 has the best test Dice, LoRA-PT r4 the best validation Dice
+    runs = (runs_of("lorapt-r8", "lorapt", 8, True, 0.60, 0.80) +
+            runs_of("lorapt-r4", "lorapt", 4, True, 0.70, 0.70) +
+            runs_of("lorapt-r8-nodec", "lorapt", 8, False, 0.50, 0.60) +
+            runs_of("lora-r8", "lora", 8, True, 0.65, 0.75, empty=(1, 2)) +
+            runs_of("lora-r8-nodec", "lora", 8, False, 0.50, 0.55) +
+            runs_of("lora-r2", "lora", 2, True, 0.50, 0.50) +
+            runs_of("decoder", "decoder", None, True, 0.60, 0.65))
+    vs = PL.parse_variants("lorapt:8,lorapt:4,lorapt:8:nodec,lora:8,lora:8:nodec,lora:2,decoder")
+    R.write_reports(tmp_path, runs, {}, vs, _settings(), plots=False)
+    with open(tmp_path / "summary.csv") as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    want_ref = {"lorapt-r8": "", "lorapt-r4": "", "lorapt-r8-nodec": "",
+                "lora-r8": "lorapt-r8", "lora-r8-nodec": "lorapt-r8-nodec",
+                "lora-r2": "lorapt-r4", "decoder": "lorapt-r4"}
+    assert {v: r["paired_reference"] for v, r in rows.items()} == want_ref
+
+    def subject_means(name):
+        rs = [r for r in runs if r["variant"] == name]
+        return [statistics.mean(r["test_case_dice"][s] for r in rs) for s in subjects]
+    for name, ref in want_ref.items():
+        r = rows[name]
+        seed_dice = [x["test_dice"] for x in runs if x["variant"] == name]
+        assert float(r["dice_std"]) == pytest.approx(statistics.stdev(seed_dice))   # ddof 1
+        assert float(r["dice_mean"]) == pytest.approx(statistics.mean(seed_dice))
+        if not ref:
+            assert r["paired_p"] == r["paired_median_dice_diff"] == r["paired_n"] == ""
+            continue
+        a, b = subject_means(ref), subject_means(name)
+        d = [x - y for x, y in zip(a, b)]
+        assert int(r["paired_n"]) == 8 and r["paired_note"] == ""
+        assert float(r["paired_median_dice_diff"]) == pytest.approx(statistics.median(d))
+        assert float(r["paired_p"]) == pytest.approx(wilcoxon(a, b).pvalue)
+    assert (rows["lora-r8"]["empty_predictions"], rows["lora-r8"]["predictions"]) == ("3", "16")
+    assert rows["decoder"]["empty_predictions"] == "0"
+    summ = json.loads((tmp_path / "summary.json").read_text())
+    dec = next(s for s in summ if s["variant"] == "decoder")
+    assert dec["paired_reference"]["reference"] == "lorapt-r4"
+    assert dec["paired_reference"] in dec["paired"]
+    md = (tmp_path / "results.md").read_text()
+    assert "| 3/16 |" in md and "empty preds" in md
+
+
+def test_evaluate_empty_predictions_reach_the_run(setup):
+    class EmptyEval(FakeTrainer):
+        def evaluate(self, cfg, checkpoint, out, **kw):
+            res = super().evaluate(cfg, checkpoint, out, **kw)
+            res["hd95_mm"]["n_empty"] = 1
+            return res
+    S = _settings(seeds=1, regimes={"full-data": 1.0}, protocols=["neuromorphometrics"])
+    cmp = _comparison(setup, EmptyEval(), S=S, variants="lorapt:8", grid={"lorapt": [1e-3]})
+    cmp.run()
+    (r,) = cmp.final_runs()
+    assert (r["test_empty"], r["test_cases"]) == (1, 3)
+    # evaluate()'s per-subject rows when the summary has no count
+    res = {}
+    RUN.Comparison._add_test(res, {"dice": {"mean": 0.5, "std": 0.1, "n": 3},
+                                   "hd95_mm": {"mean": 1.0, "std": 0.1, "n": 3},
+                                   "cases": [{"case": c, "dice": 0.5, "empty_prediction": e}
+                                             for c, e in (("a", True), ("b", True),
+                                                          ("c", False))]})
+    assert res["test_empty"] == 2

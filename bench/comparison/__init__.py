@@ -70,15 +70,22 @@ handed to ``train()``):
    chosen rate) *is* that run: it is evaluated on the test split, not trained twice.
    Final runs go seed by seed, so an interrupted comparison has complete one-seed tables.
 5. Test: ``tsvd.peft.seg.train.evaluate(split="test")``: Dice and HD95 (mm) per test subject on
-   its original grid; a run's numbers are the means over the test subjects, the table gives
-   the mean ± sample standard deviation (ddof = 1) of those over the seeds.
+   its original grid (an empty prediction's HD95 is the image diagonal); a run's numbers are
+   the means over the test subjects, the table gives the mean ± sample standard deviation
+   (ddof = 1) of those over the seeds and the count of empty predictions (over subjects and
+   seeds).
 6. Paired comparison: for each (regime, protocol), every LoRA-PT variant against every other
    variant (the template prior included) on the same test subjects: each subject's Dice
    averaged over a variant's seeds, the differences (LoRA-PT − baseline) paired by subject,
    their median and mean, and the two-sided Wilcoxon signed-rank test
    (``scipy.stats.wilcoxon``, zero differences dropped); "n/a" with fewer than 6 subjects or
    non-zero differences. In ``results.md`` under each regime's table and in ``summary.json``
-   (``paired`` of each baseline's cell).
+   (``paired`` of each baseline's cell). ``summary.csv`` (and ``paired_reference`` in
+   ``summary.json``) pairs each non-LoRA-PT row with one LoRA-PT row of its (regime,
+   protocol): the one of the same rank and decoder setting (the parameter-matched partner),
+   else (decoder-only, full, template prior, other ranks) the LoRA-PT row of the highest
+   mean validation Dice: columns ``paired_reference``, ``paired_n``,
+   ``paired_median_dice_diff`` (reference − row), ``paired_p``, ``paired_note``.
 
 Measured per run: trainable parameters (adapter / other / total, from the run's summary and
 ``tsvd.peft``), size of the saved artefact file (adapter file for PEFT methods, whole model for

@@ -14,8 +14,9 @@ from .common import (atomic_write, fmt_lr, fmt_mb, fmt_num, fmt_p, fmt_pm, seed_
                      write_csv, write_json)
 from .plan import PRIOR, display_name, steps_per_run, sweep_key, variant_label
 
-__all__ = ["REFERENCE", "MIN_PAIRS", "grid_edge", "aggregate", "subject_means", "paired_test",
-           "paired_tests", "markdown", "write_reports", "plot_dice_vs_params", "plot_curves"]
+__all__ = ["REFERENCE", "MIN_PAIRS", "SUMMARY_FIELDS", "grid_edge", "aggregate",
+           "paired_reference", "subject_means", "paired_test", "paired_tests", "markdown",
+           "write_reports", "plot_dice_vs_params", "plot_curves"]
 
 #: the method every other one is compared with, subject by subject
 REFERENCE = "lorapt"
@@ -23,8 +24,16 @@ REFERENCE = "lorapt"
 #: pairs the smallest two-sided exact p-value is already 0.0625
 MIN_PAIRS = 6
 
+#: summary.csv's columns. ``dice_std``/``hd95_std``: sample std (ddof 1) over the seeds;
+#: ``empty_predictions`` of ``predictions`` (test subjects × seeds) were empty (HD95: the
+#: image diagonal); ``paired_*``: the row's per-subject test against its LoRA-PT reference
+#: (:func:`paired_reference`): ``paired_median_dice_diff`` is the median over the subjects of
+#: (reference − this row), ``paired_p`` the two-sided Wilcoxon p (empty when ``paired_note``
+#: says why not).
 SUMMARY_FIELDS = ["regime", "protocol", "variant", "method", "rank", "train_decoder", "lr",
                   "lr_at_grid_edge", "seeds", "dice_mean", "dice_std", "hd95_mean", "hd95_std",
+                  "empty_predictions", "predictions", "paired_reference", "paired_n",
+                  "paired_median_dice_diff", "paired_p", "paired_note",
                   "trainable_parameters", "adapter_parameters", "artefact_bytes",
                   "time_per_step_s", "peak_mem_mb"]
 
@@ -51,7 +60,10 @@ def aggregate(runs: list[dict], variants: list[dict], lr_choice: dict | None = N
     cells of baselines carry ``paired`` (:func:`paired_tests` against each LoRA-PT variant
     of the same regime and protocol). With the sweep's ``lr_choice`` and the settings ``S``,
     each cell has ``lr_grid`` (the rates its sweep tried) and ``lr_at_grid_edge``
-    (:func:`grid_edge`: None when its rate is inside the grid)."""
+    (:func:`grid_edge`: None when its rate is inside the grid). Each cell counts its empty
+    test predictions (``empty_predictions`` of ``predictions``, over subjects and seeds;
+    None when the runs do not say) and has ``paired_reference``: the one entry of ``paired``
+    of :func:`paired_reference` (None for LoRA-PT's own rows)."""
     order = {v["name"]: i for i, v in enumerate(variants)}
     by_name = {v["name"]: v for v in variants}
     cells: dict = {}
@@ -93,10 +105,45 @@ def aggregate(runs: list[dict], variants: list[dict], lr_choice: dict | None = N
             "time_per_step_s": seed_stats([r.get("time_per_step_s") for r in rs])["mean"],
             "peak_mem_mb": seed_stats([r.get("peak_mem_mb") for r in rs])["mean"],
             "workers": first("workers"), "threads": first("threads"),
+            "empty_predictions": _sum_or_none(r.get("test_empty") for r in rs),
+            "predictions": _sum_or_none(r.get("test_cases") for r in rs),
             "paired": [t for t in tests if (t["regime"], t["protocol"], t["baseline"]) ==
                        (reg, prot, name)],
         })
+    for s in out:
+        ref = paired_reference(s, out)
+        s["paired_reference"] = next((t for t in s["paired"] if t["reference"] == ref), None)
     return out
+
+
+def _sum_or_none(values):
+    v = [int(x) for x in values if x is not None]
+    return sum(v) if v else None
+
+
+def paired_reference(cell: dict, cells: list[dict], reference: str = REFERENCE):
+    """The variant name of the LoRA-PT row a summary ``cell`` is paired with in the summary
+    tables (``results.md`` has every pair): in the same (regime, protocol), the LoRA-PT row
+    of the same rank and decoder setting (LoRA r8 -> LoRA-PT r8, LoRA (adapters only) r8 ->
+    LoRA-PT (adapters only) r8: the parameter-matched partner); a row without one (decoder-
+    only, full, the template prior, another rank) is paired with the LoRA-PT row of the
+    highest mean validation Dice (chosen on validation, never on test; ties: the first in
+    variant order). None for LoRA-PT's own rows and where no LoRA-PT row exists."""
+    if cell["method"] == reference:
+        return None
+    refs = [c for c in cells if c["method"] == reference and
+            (c["regime"], c["protocol"]) == (cell["regime"], cell["protocol"])]
+    same = [c for c in refs if cell.get("rank") is not None and c["rank"] == cell["rank"]
+            and bool(c.get("train_decoder", True)) == bool(cell.get("train_decoder", True))]
+    if same:
+        return same[0]["variant"]
+    if not refs:
+        return None
+
+    def val(c):
+        m = (c.get("val_dice") or {}).get("mean", float("nan"))
+        return m if m is not None and math.isfinite(m) else -1.0
+    return max(refs, key=lambda c: (val(c), -refs.index(c)))["variant"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -184,7 +231,15 @@ def _prior_row(s: dict) -> str:
                                 if sd is not None and math.isfinite(sd) else "")
     return (f"| {s['protocol']} | {display_name(s['method'])} | – | – | "
             f"{cell(s['dice'], s.get('dice_std_subjects'), 3)} | "
-            f"{cell(s['hd95_mm'], s.get('hd95_std_subjects'), 2)} | 0 | – | – | – |")
+            f"{cell(s['hd95_mm'], s.get('hd95_std_subjects'), 2)} | {_empty_cell(s)} | 0 | – | "
+            f"– | – |")
+
+
+def _empty_cell(s: dict) -> str:
+    """``k/n``: empty test predictions of all predictions (subjects × seeds); n/a unknown."""
+    if s.get("empty_predictions") is None:
+        return "n/a"
+    return f"{s['empty_predictions']}/{s['predictions'] if s.get('predictions') else '?'}"
 
 
 def markdown(summ: list[dict], S: dict, steps: int) -> str:
@@ -197,7 +252,8 @@ def markdown(summ: list[dict], S: dict, steps: int) -> str:
              f"{S.get('test_start', 0)}-{S.get('test_start', 0) + S['n_test'] - 1} of its test "
              f"seed range), mean ± std over seeds "
              f"(std: sample, ddof=1). Learning rate: best validation Dice of the sweep "
-             f"(seed 0)."]
+             f"(seed 0). Empty preds: empty test predictions of all (subjects × seeds); "
+             f"an empty prediction's HD95 is the image diagonal."]
     if any(s["method"] == PRIOR["method"] for s in summ):
         lines[-1] += (" Template prior: no training; each test subject's prediction is the "
                       "protocol's hippocampus of the undeformed template on the subject's "
@@ -218,9 +274,9 @@ def markdown(summ: list[dict], S: dict, steps: int) -> str:
                     "?")
         lines += [f"## {regime} ({n_tr} training subjects"
                   + (f", {100 * frac:.0f} %" if frac is not None else "") + ")", "",
-                  "| protocol | method | rank | lr | Dice | HD95 (mm) | trainable params "
-                  "(adapter) | artefact | s/step | peak mem |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| protocol | method | rank | lr | Dice | HD95 (mm) | empty preds | "
+                  "trainable params (adapter) | artefact | s/step | peak mem |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for s in rs:
             if s["method"] == PRIOR["method"]:
                 lines.append(_prior_row(s))
@@ -233,7 +289,8 @@ def markdown(summ: list[dict], S: dict, steps: int) -> str:
                 f"| {s['protocol']} | {display_name(s['method'], s.get('train_decoder'))} | "
                 f"{s['rank'] if s['rank'] else '–'} | {fmt_lr(s['lr'])}"
                 f"{' †' if s.get('lr_at_grid_edge') else ''} | {fmt_pm(s['dice'])} | "
-                f"{fmt_pm(s['hd95_mm'], 2)} | {fmt_num(s['trainable_parameters'])} "
+                f"{fmt_pm(s['hd95_mm'], 2)} | {_empty_cell(s)} | "
+                f"{fmt_num(s['trainable_parameters'])} "
                 f"({pct:.1f} %; {fmt_num(s.get('adapter_parameters'))}) | "
                 f"{fmt_mb(s.get('artefact_bytes'))} | "
                 f"{'n/a' if tps is None or not math.isfinite(tps) else f'{tps:.2f}'} | "
@@ -280,10 +337,15 @@ def write_reports(out, runs: list[dict], lr_choice: dict, variants: list[dict], 
     final = [r for r in runs if r.get("final")]
     summ = aggregate(final, variants, lr_choice, S)
     write_json(out / "summary.json", summ)
-    flat = [{**{k: s[k] for k in SUMMARY_FIELDS if k in s},
-             "dice_mean": s["dice"]["mean"], "dice_std": s["dice"]["std"],
-             "hd95_mean": s["hd95_mm"]["mean"], "hd95_std": s["hd95_mm"]["std"]}
-            for s in summ]
+    flat = []
+    for s in summ:
+        t = s.get("paired_reference") or {}
+        flat.append({**{k: s[k] for k in SUMMARY_FIELDS if k in s},
+                     "dice_mean": s["dice"]["mean"], "dice_std": s["dice"]["std"],
+                     "hd95_mean": s["hd95_mm"]["mean"], "hd95_std": s["hd95_mm"]["std"],
+                     "paired_reference": t.get("reference"), "paired_n": t.get("n_pairs"),
+                     "paired_median_dice_diff": t.get("median_diff"),
+                     "paired_p": t.get("p_value"), "paired_note": t.get("note")})
     write_csv(out / "summary.csv", flat, SUMMARY_FIELDS)
     atomic_write(out / "results.md", markdown(summ, S, steps_per_run(S)))
     if plots:

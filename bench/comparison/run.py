@@ -390,17 +390,24 @@ class Comparison:
                 "wall_s": round(wall, 2),
                 "test_dice": None, "test_dice_std_cases": None, "test_hd95_mm": None,
                 "test_hd95_std_cases": None, "test_cases": None, "test_hd95_nan": None,
+                "test_empty": None,
                 "test_case_dice": None,
                 "run_dir": rec["run_dir"], "curves": rec.get("curves", [])}
 
     @staticmethod
     def _add_test(res, ev) -> None:
         """The test numbers of evaluation ``ev`` (``evaluate``'s dict): means over the
-        subjects and each subject's Dice (``test_case_dice``, for the paired tests)."""
+        subjects, the number of empty predictions (``test_empty``: ``n_empty`` of its HD95
+        summary, else counted from its per-subject rows, else None) and each subject's Dice
+        (``test_case_dice``, for the paired tests)."""
+        empty = ev["hd95_mm"].get("n_empty")
+        if empty is None and ev.get("cases") and all("empty_prediction" in c
+                                                     for c in ev["cases"]):
+            empty = sum(bool(c["empty_prediction"]) for c in ev["cases"])
         res.update({"test_dice": ev["dice"]["mean"], "test_dice_std_cases": ev["dice"]["std"],
                     "test_hd95_mm": ev["hd95_mm"]["mean"],
                     "test_hd95_std_cases": ev["hd95_mm"]["std"], "test_cases": ev["dice"]["n"],
-                    "test_hd95_nan": ev["hd95_mm"].get("n_nan", 0),
+                    "test_hd95_nan": ev["hd95_mm"].get("n_nan", 0), "test_empty": empty,
                     "test_case_dice": {c["case"]: c["dice"] for c in ev.get("cases", [])}
                     or None})
 
