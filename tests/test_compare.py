@@ -352,7 +352,8 @@ def test_methods_come_from_the_registry_and_dora_is_a_variant(setup):
     assert PL.LR_GRID["dora"] == PL.LR_GRID["lora"]
     assert PL.display_name("dora") == "DoRA"
     assert "dora-r8" in [v["name"] for v in PL.parse_variants(PL.DEFAULT_VARIANTS)]
-    assert CLI.build_parser().parse_args([]).variants == PL.DEFAULT_VARIANTS
+    assert CLI.variants_from_args(CLI.build_parser().parse_args([])) == \
+        PL.parse_variants(PL.DEFAULT_VARIANTS)
     assert PL.parse_variants("dora:8,dora:4,lorapt") == [
         {"name": "dora-r8", "method": "dora", "rank": 8, "train_decoder": True},
         {"name": "dora-r4", "method": "dora", "rank": 4, "train_decoder": True},
@@ -822,3 +823,61 @@ def test_evaluate_empty_predictions_reach_the_run(setup):
                                              for c, e in (("a", True), ("b", True),
                                                           ("c", False))]})
     assert res["test_empty"] == 2
+
+
+# ------------------------------------------------------------------------------------------
+# --quick: fewer variants, sized to the 20-minute budget
+# ------------------------------------------------------------------------------------------
+#: the calibration printed by the full comparison of 2026-11-27 (bench/results/
+#: compare_cpu_2core_2026-11-27/compare.log): s/step 0.98-1.13, forward 0.34 s, one subject's
+#: preprocessing 0.15 s; the slowest step for every variant
+CAL_2026_11_27 = {"step_s": {}, "setup_s": {}, "fwd_s": 0.34, "case_s": 0.15}
+
+
+def test_quick_plan_fits_twenty_minutes():
+    p = CLI.build_parser()
+    args = p.parse_args(["--quick"])
+    S = CLI.settings_from_args(args)
+    vs = CLI.variants_from_args(args)
+    assert [v["name"] for v in vs] == ["decoder", "lora-r8", "lorapt-r8", "lorapt-r8-nodec",
+                                       "template-prior"]
+    assert CLI.variants_from_args(p.parse_args(["--quick", "--variants", "lora:4"])) == \
+        PL.parse_variants("lora:4")
+    js = PL.jobs(S, vs, PL.QUICK_LR_GRID)
+    phases = [j["phase"] for j in js]
+    assert (phases.count("prior"), phases.count("sweep"), phases.count("final")) == (1, 12, 4)
+    assert all(j["reuses_sweep"] for j in js if j["phase"] == "final")
+    assert PL.steps_per_run(S) == 48
+    cal = dict(CAL_2026_11_27, step_s={v["name"]: 1.13 for v in vs})
+    est = sum(PL.estimate_run(S, S["n_train"], j, cal) for j in js) / 2     # 2 workers
+    # by hand: 12 trainings of 48 steps + 16 subjects' preprocessing + 3 epochs of 4
+    # validation forwards; 4 tests of 20 subjects; the prior's 20 subjects
+    train = 48 * 1.13 + 16 * 0.15 + 3 * 4 * 0.34
+    by_hand = (12 * train + 4 * 20 * (2 * 0.15 + 0.34) + 20 * 2 * 0.15) / 2
+    assert est == pytest.approx(by_hand)
+    assert est * PL.ESTIMATE_RATIO < PL.QUICK_BUDGET_S == 20 * 60
+    assert "--quick" in p.format_help() and PL.QUICK_VARIANTS in p.format_help()
+
+
+def test_quick_prints_its_estimate_before_running(tmp_path, monkeypatch, capsys):
+    ds = fake_dataset(tmp_path / "nm", n_train=12, n_valid=4, n_test=20)
+    base = tmp_path / "base.safetensors"
+    base.write_bytes(b"base")
+    seen = {}
+
+    def fake_cal(S, variants, dataset, device):
+        seen["variants"] = [v["name"] for v in variants]
+        return dict(CAL_2026_11_27, step_s={v["name"]: 1.13 for v in variants})
+    monkeypatch.setattr(CLI, "prepare_data", lambda S, cache: {"neuromorphometrics": ds})
+    monkeypatch.setattr(CLI, "pretrain", lambda *a, **k: base)
+    monkeypatch.setattr(PL, "calibrate", fake_cal)
+    out = tmp_path / "out"
+    assert CLI.main(["--quick", "--estimate-only", "--workers", "2", "--out", str(out),
+                     "--cache", str(tmp_path / "cache")]) == 0
+    text = capsys.readouterr().out
+    assert seen["variants"] == ["decoder", "lora-r8", "lorapt-r8", "lorapt-r8-nodec",
+                                "template-prior"]
+    assert "17 runs (12 trainings" in text and "1 template-prior evaluations" in text
+    assert "estimated time for the 17 remaining runs: 6m33s" in text     # 6.55 min by hand
+    assert "note: this --quick plan" not in text
+    assert not (out / "plan.json").exists()                              # nothing was run

@@ -3,7 +3,7 @@ PiSSA (and DoRA) on the embedded hippocampus datasets, side by side, with learni
 on the validation split, mean ± std over seeds and per-subject paired tests.
 
     python bench/compare.py --out cmp-full             # the full comparison (CPU preset)
-    python bench/compare.py --quick --out cmp-quick    # one seed, one protocol, < 20 min
+    python bench/compare.py --quick --out cmp-quick    # 1 seed, 1 protocol, 5 variants, < 20 min
     python bench/compare.py --out cmp-full             # again: continues where it stopped
     python bench/compare.py --estimate-only            # the plan and its estimated time
 
@@ -121,24 +121,30 @@ runs start. Results and reports are written by the main process only.
 Time: before starting, a short calibration (a few training steps of every variant on random
 input, and the preprocessing of one subject) gives the estimated total, printed with the plan
 (it assumes the workers do not slow each other down, so it is optimistic: 51 min estimated,
-1 h 30 min measured for the full comparison of 6 variants on 2 cores, 2026-11-27); after every run the remaining time
-is re-estimated from the runs measured so far.
+1 h 30 min measured for the full comparison of 6 variants on 2 cores, 2026-11-27; the
+estimate is also printed times that ratio, ``plan.ESTIMATE_RATIO``); after every run the
+remaining time is re-estimated from the runs measured so far. ``--quick`` (variants
+``decoder,lora:8,lorapt:8,lorapt:8:nodec,prior``, 12 trainings of 48 steps) is sized to 20
+minutes on 2 cores from the measured figures (``plan.QUICK``'s comment); it says so when its
+estimate on the machine at hand is above.
 """
 from __future__ import annotations
 
 from .common import (CompareError, atomic_write, fmt_lr, fmt_pm, fmt_time, n_used, read_json,
                      seed_stats, write_csv, write_json)
-from .plan import (DEFAULT_VARIANTS, FULL, LR_GRID, NAMES, QUICK, QUICK_LR_GRID, calibrate,
-                   display_name, jobs, methods, parse_lrs, parse_variants, takes_rank)
-from .report import (MIN_PAIRS, REFERENCE, aggregate, markdown, paired_test, paired_tests,
-                     subject_means, write_reports)
+from .plan import (DEFAULT_VARIANTS, FULL, LR_GRID, NAMES, PRIOR, QUICK, QUICK_LR_GRID,
+                   QUICK_VARIANTS, calibrate, display_name, jobs, methods, parse_lrs,
+                   parse_variants, takes_rank, variant_label)
+from .report import (MIN_PAIRS, REFERENCE, aggregate, grid_edge, markdown, paired_reference,
+                     paired_test, paired_tests, subject_means, write_reports)
 from .run import Comparison, PeakMemory, prepare_data, pretrain, worker_main
-from .cli import build_parser, main, settings_from_args
+from .cli import build_parser, main, settings_from_args, variants_from_args
 
 __all__ = ["CompareError", "atomic_write", "fmt_lr", "fmt_pm", "fmt_time", "n_used",
            "read_json", "seed_stats", "write_csv", "write_json", "DEFAULT_VARIANTS", "FULL",
-           "LR_GRID", "NAMES", "QUICK", "QUICK_LR_GRID", "calibrate", "display_name", "jobs",
-           "methods", "parse_lrs", "parse_variants", "takes_rank", "MIN_PAIRS", "REFERENCE",
-           "aggregate", "markdown", "paired_test", "paired_tests", "subject_means",
+           "LR_GRID", "NAMES", "PRIOR", "QUICK", "QUICK_LR_GRID", "QUICK_VARIANTS",
+           "calibrate", "display_name", "jobs", "methods", "parse_lrs", "parse_variants",
+           "takes_rank", "variant_label", "MIN_PAIRS", "REFERENCE", "aggregate", "grid_edge",
+           "markdown", "paired_reference", "paired_test", "paired_tests", "subject_means",
            "write_reports", "Comparison", "PeakMemory", "prepare_data", "pretrain",
-           "worker_main", "build_parser", "main", "settings_from_args"]
+           "worker_main", "build_parser", "main", "settings_from_args", "variants_from_args"]

@@ -13,7 +13,7 @@ from . import plan as P
 from .common import CompareError, fmt_lr, fmt_time, write_json
 from .run import Comparison, cuda_available, prepare_data, pretrain, worker_main
 
-__all__ = ["build_parser", "settings_from_args", "main"]
+__all__ = ["build_parser", "settings_from_args", "variants_from_args", "main"]
 
 
 def _grid_text(grid: dict) -> str:
@@ -32,17 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"one seed, protocol {Q['protocols'][0]}, the full-data regime "
                     f"only, {Q['epochs']} epochs × {Q['samples_per_epoch']} samples, "
                     f"{len(P.QUICK_LR_GRID['lorapt'])} learning rates per method "
-                    f"(what CI or a reviewer runs; < 20 min on 2 CPU cores)")
+                    f"and the variants {P.QUICK_VARIANTS} (what CI or a reviewer runs; "
+                    f"sized to < {P.QUICK_BUDGET_S // 60} min on 2 CPU cores, the estimate is "
+                    f"printed before the runs start)")
     ap.add_argument("--protocols", help="comma-separated embedded protocols (default "
                     f"{','.join(F['protocols'])}; --quick: {Q['protocols'][0]}; "
                     "available: neuromorphometrics, harvard-oxford, desikan-killiany, aal)")
-    ap.add_argument("--variants", default=P.DEFAULT_VARIANTS,
+    ap.add_argument("--variants",
                     help="comma-separated METHOD[:RANK][:nodec], METHOD one of "
                     f"{', '.join(P.methods())}; RANK (default 8) only for methods with a rank; "
                     ":nodec (adapter methods only) trains the adapters alone, CNN "
                     "encoder/decoder and head frozen, e.g. lorapt:8:nodec; prior: the "
-                    "template prior (no training) "
-                    "(default %(default)s)")
+                    f"template prior (no training) (default {P.DEFAULT_VARIANTS}; --quick: "
+                    f"{P.QUICK_VARIANTS})")
     ap.add_argument("--seeds", type=int, help=f"training seeds 0..N-1 (default {F['seeds']}, "
                     f"--quick {Q['seeds']})")
     ap.add_argument("--epochs", type=int, help=f"epochs per run (default {F['epochs']}, "
@@ -105,6 +107,15 @@ def settings_from_args(args) -> dict:
         test_start=args.test_start, preset=args.preset)
 
 
+def variants_from_args(args) -> list[dict]:
+    """The variants of ``--variants`` (default :data:`.plan.DEFAULT_VARIANTS`, with
+    ``--quick`` :data:`.plan.QUICK_VARIANTS`), parsed."""
+    text = args.variants
+    if text is None:
+        text = P.QUICK_VARIANTS if args.quick else P.DEFAULT_VARIANTS
+    return P.parse_variants(text)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if len(argv) == 2 and argv[0] == "--worker":
@@ -132,7 +143,7 @@ def _main(args) -> int:
         raise CompareError(f"--workers: expected a positive integer, got {args.workers}")
     if args.threads is not None and args.threads < 1:
         raise CompareError(f"--threads: expected a positive integer, got {args.threads}")
-    variants = P.parse_variants(args.variants)
+    variants = variants_from_args(args)
     grid = P.parse_lrs(args.lrs, P.QUICK_LR_GRID if args.quick else P.LR_GRID)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -177,7 +188,12 @@ def _main(args) -> int:
         cal = P.calibrate(S, variants, datasets[S["protocols"][0]], args.device)
         est = sum(cmp.estimate_run(j, cal) for j in todo) / args.workers
         print(f"estimated time for the {len(todo)} remaining runs: {fmt_time(est)} "
-              f"(from the calibration; other load on the machine makes it longer)")
+              f"(from the calibration, assuming the workers do not slow each other; the "
+              f"full comparison of 2026-11-27 took {P.ESTIMATE_RATIO:.2f}x its estimate: "
+              f"{fmt_time(est * P.ESTIMATE_RATIO)}; other load on the machine makes it longer)")
+        if args.quick and est * P.ESTIMATE_RATIO > P.QUICK_BUDGET_S:
+            print(f"note: this --quick plan is estimated above "
+                  f"{fmt_time(P.QUICK_BUDGET_S)} on this machine (options or load)")
     if args.estimate_only:
         return 0
     write_json(out / "plan.json", record)

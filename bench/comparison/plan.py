@@ -14,11 +14,12 @@ import numpy as np
 
 from .common import CompareError, fmt_lr, n_used, read_json
 
-__all__ = ["DEFAULT_VARIANTS", "LR_GRID", "QUICK_LR_GRID", "NAMES", "FULL", "QUICK",
-           "NODEC", "PRIOR", "methods", "takes_rank", "uses_adapters", "is_prior",
-           "display_name", "variant_label", "parse_variants", "parse_lrs", "check_settings",
-           "plan_record", "check_plan_file", "steps_per_run", "sweep_key", "jobs", "run_dir",
-           "prior_dir", "run_config", "estimate_run", "calibrate"]
+__all__ = ["DEFAULT_VARIANTS", "QUICK_VARIANTS", "QUICK_BUDGET_S", "ESTIMATE_RATIO", "LR_GRID",
+           "QUICK_LR_GRID", "NAMES", "FULL", "QUICK", "NODEC", "PRIOR", "methods", "takes_rank",
+           "uses_adapters", "is_prior", "display_name", "variant_label", "parse_variants",
+           "parse_lrs", "check_settings", "plan_record", "check_plan_file", "steps_per_run",
+           "sweep_key", "jobs", "run_dir", "prior_dir", "run_config", "estimate_run",
+           "calibrate"]
 
 #: DoRA is among the defaults: its training step costs about 1.06x LoRA's (cpu preset, batch 1,
 #: 1 thread, 6 steps of decoder/lora/dora/lorapt interleaved in one process, 2026-12-04).
@@ -81,9 +82,26 @@ FULL = {
     "seeds": 3, "epochs": 4, "samples_per_epoch": 16, "batch_size": 1, "keep_components": 2,
     "regimes": {"full-data": 1.0, "low-data": 0.25}, "sweep": "method",
 }
-#: --quick: one seed, one protocol, the full-data regime, 3 × 16 samples, three rates per method
+#: --quick: one seed, one protocol, the full-data regime, 3 × 16 samples, three rates per
+#: method, 20 test subjects, and fewer variants (:data:`QUICK_VARIANTS`): 4 trained variants ×
+#: 3 rates = 12 trainings of 48 steps, whose 4 chosen runs are the final runs (tested once),
+#: and the template prior. Estimated, not measured: from the calibration of 2026-11-27
+#: (0.98-1.13 s/step, 0.34 s forward, 0.15 s preprocessing; ``estimate_run``'s model) about
+#: 6.5 min with 2 workers, times :data:`ESTIMATE_RATIO` about 11.5 min; from the measured
+#: 9 min 12 s of the old --quick (the same 12 trainings of 48 steps, 6 tests of 8 subjects;
+#: README) plus about 1.1 s per extra tested subject on 2 workers, about 10 min. Both fit
+#: :data:`QUICK_BUDGET_S` with the data and pre-training cached; a cold cache added about
+#: 5.5 min then (pre-training 4 min 40 s; README), about 16 min in all.
 QUICK = dict(FULL, protocols=["neuromorphometrics"], seeds=1, epochs=3,
              regimes={"full-data": 1.0})
+#: --quick's variants: the decoder-only and LoRA baselines, LoRA-PT with and without the
+#: decoder, the template prior
+QUICK_VARIANTS = "decoder,lora:8,lorapt:8,lorapt:8:nodec,prior"
+#: what --quick must fit in on 2 CPU cores (issue 12): 20 min
+QUICK_BUDGET_S = 20 * 60
+#: measured / estimated wall time of the full comparison of 2026-11-27 (1 h 30 min against the
+#: calibration's 51 min 25 s: the estimate assumes the 2 workers do not slow each other)
+ESTIMATE_RATIO = 90 / 51.4
 
 
 # ------------------------------------------------------------------------------------------
