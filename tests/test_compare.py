@@ -881,3 +881,42 @@ def test_quick_prints_its_estimate_before_running(tmp_path, monkeypatch, capsys)
     assert "estimated time for the 17 remaining runs: 6m33s" in text     # 6.55 min by hand
     assert "note: this --quick plan" not in text
     assert not (out / "plan.json").exists()                              # nothing was run
+
+
+def test_template_prior_through_the_demo_function(tmp_path, monkeypatch):
+    """The default prior_fn is tsvd.peft.seg.demo.template_prior_scores, called on each test
+    subject; with the atlas step (embedded.template_prior) replaced by a fixed box (the 2nd
+    subject: nothing), each subject's Dice is the box's against its label file, by hand."""
+    import nibabel as nib
+    import numpy as np
+    from test_data import make_dataset
+    from tsvd.peft.seg import embedded as E
+    data = make_dataset(tmp_path / "d", "eadc", n_train=1, n_valid=1, n_test=3)
+    calls = []
+
+    def box(protocol, affine, shape, cache_dir=None):
+        calls.append((protocol, tuple(shape), cache_dir))
+        m = np.zeros(shape, bool)
+        if len(calls) != 2:
+            m[14:23, 13:24, 15:20] = True
+        return m
+    monkeypatch.setattr(E, "template_prior", box)
+    S = dict(PL.FULL, protocols=["p"], seeds=1, n_test=3, regimes={"full-data": 1.0})
+    cmp = RUN.Comparison(tmp_path / "out", S, PL.parse_variants("prior"), {},
+                         datasets={"p": data}, pretrained=tmp_path / "none", device="cpu",
+                         cache=tmp_path / "cache", log=lambda *a: None, plots=False)
+    cmp.run()
+    (r,) = cmp.runs
+    names = (data / "test.txt").read_text().split()
+    assert sorted(r["test_case_dice"]) == sorted(names) and len(calls) == 3
+    assert {c[0] for c in calls} == {"p"} and {c[2] for c in calls} == {tmp_path / "cache"}
+    for k, n in enumerate(names):
+        lab = np.asarray(nib.load(data / n / f"{n}_mask.nii.gz").dataobj) > 0
+        m = np.zeros(lab.shape, bool)
+        if k != 1:
+            m[14:23, 13:24, 15:20] = True
+        want = 2 * (m & lab).sum() / (m.sum() + lab.sum())
+        assert (want > 0.4) == (k != 1)                  # the box overlaps each label
+        assert r["test_case_dice"][n] == pytest.approx(want, abs=1e-6), n
+    assert r["test_empty"] == 1 and r["test_cases"] == 3
+    assert r["test_dice"] == pytest.approx(np.mean(list(r["test_case_dice"].values())))
