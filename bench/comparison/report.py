@@ -189,10 +189,11 @@ def paired_test(ref: dict, base: dict) -> dict:
 
 
 def paired_tests(runs: list[dict], reference: str = REFERENCE) -> list[dict]:
-    """Over the tested ``runs`` (the final runs), every (regime, protocol): each variant of method ``reference`` against each variant of
-    another method, on the test subjects' Dice paired by subject (each subject's Dice
-    averaged over the variant's seeds first, :func:`subject_means`); :func:`paired_test`'s
-    numbers with the regime, protocol, both variant names and their seeds."""
+    """Over the tested ``runs`` (the final runs and the template prior), every (regime,
+    protocol): each variant of method ``reference`` against each variant of another method,
+    on the test subjects' Dice paired by subject (each subject's Dice averaged over the
+    variant's seeds first, :func:`subject_means`); :func:`paired_test`'s numbers with the
+    regime, protocol, both variant names and their seeds."""
     cells: dict = {}
     for r in runs:
         if r.get("test_dice") is not None:

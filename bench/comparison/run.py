@@ -218,8 +218,6 @@ class Comparison:
             from tsvd.peft.seg.train import train as train_fn
         if evaluate_fn is None:
             from tsvd.peft.seg.infer import evaluate as evaluate_fn
-        if prior_fn is None:
-            from tsvd.peft.seg.demo import template_prior_scores as prior_fn
         self.train_fn, self.evaluate_fn, self.prior_fn = train_fn, evaluate_fn, prior_fn
         self.cache = cache
         self._prior_memo: dict = {}
@@ -418,6 +416,9 @@ class Comparison:
         protocol and session."""
         if protocol not in self._prior_memo:
             from tsvd.peft.seg.data import load_cases
+            if self.prior_fn is None:       # imported only when the prior is among the variants
+                from tsvd.peft.seg.demo import template_prior_scores
+                self.prior_fn = template_prior_scores
             _, splits, _ = load_cases(self.datasets[protocol], "eadc")
             cases = [c for c in splits["test"] if c.get("label")]
             if not cases:
