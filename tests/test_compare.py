@@ -347,15 +347,17 @@ def test_methods_come_from_the_registry_and_dora_is_a_variant(setup):
     import tsvd.peft
     assert PL.methods() == tuple(tsvd.peft.METHODS) and "dora" in PL.methods()
     # every registered method has a grid and a name in the tables
-    assert set(PL.LR_GRID) == set(PL.methods()) == set(PL.QUICK_LR_GRID) == set(PL.NAMES)
+    assert set(PL.LR_GRID) == set(PL.methods()) == set(PL.QUICK_LR_GRID)
+    assert set(PL.NAMES) == set(PL.methods()) | {"prior"}
     assert PL.LR_GRID["dora"] == PL.LR_GRID["lora"]
     assert PL.display_name("dora") == "DoRA"
     assert "dora-r8" in [v["name"] for v in PL.parse_variants(PL.DEFAULT_VARIANTS)]
-    assert CLI.build_parser().parse_args([]).variants == PL.DEFAULT_VARIANTS
+    assert CLI.variants_from_args(CLI.build_parser().parse_args([])) == \
+        PL.parse_variants(PL.DEFAULT_VARIANTS)
     assert PL.parse_variants("dora:8,dora:4,lorapt") == [
-        {"name": "dora-r8", "method": "dora", "rank": 8},
-        {"name": "dora-r4", "method": "dora", "rank": 4},
-        {"name": "lorapt-r8", "method": "lorapt", "rank": 8}]
+        {"name": "dora-r8", "method": "dora", "rank": 8, "train_decoder": True},
+        {"name": "dora-r4", "method": "dora", "rank": 4, "train_decoder": True},
+        {"name": "lorapt-r8", "method": "lorapt", "rank": 8, "train_decoder": True}]
     with pytest.raises(CM.CompareError, match="twice"):
         PL.parse_variants("dora,dora:8")
     with pytest.raises(CM.CompareError, match="rank"):
@@ -487,3 +489,434 @@ def test_runner_skips_completed_runs(setup):
     third = FakeTrainer()
     _comparison(setup, third, S=S, variants="decoder,lorapt:4").run()
     assert third.train_cfgs == [] and len(third.eval_calls) == 1
+
+
+# ------------------------------------------------------------------------------------------
+# adapters without the decoder (METHOD[:RANK]:nodec)
+# ------------------------------------------------------------------------------------------
+def test_nodec_variants_parse_and_errors():
+    assert PL.parse_variants("lorapt:8:nodec, lora:nodec ,decoder") == [
+        {"name": "lorapt-r8-nodec", "method": "lorapt", "rank": 8, "train_decoder": False},
+        {"name": "lora-r8-nodec", "method": "lora", "rank": 8, "train_decoder": False},
+        {"name": "decoder", "method": "decoder", "rank": None, "train_decoder": True}]
+    # with and without the decoder are two variants; the same one twice is refused
+    assert [v["name"] for v in PL.parse_variants("lorapt:4,lorapt:4:nodec")] == \
+        ["lorapt-r4", "lorapt-r4-nodec"]
+    with pytest.raises(CM.CompareError, match="--variants: lorapt-r8-nodec given twice"):
+        PL.parse_variants("lorapt:nodec,lorapt:8:nodec")
+    for bad, msg in [("decoder:nodec", "decoder has no adapters"),
+                     ("full:nodec", "full has no adapters"),
+                     ("lorapt:nodec:8", r"expected METHOD\[:RANK\]\[:nodec\]"),
+                     ("lorapt:8:nodec:nodec", r"expected METHOD\[:RANK\]\[:nodec\]"),
+                     ("lorapt:8:4", r"expected METHOD\[:RANK\]\[:nodec\]"),
+                     ("lorapt:8:dec", r"'lorapt:8:dec': expected METHOD\[:RANK\]\[:nodec\]"),
+                     ("lorapt:dec", "rank of 'lorapt:dec' must be a positive integer"),
+                     ("lora:0:nodec", "rank of 'lora:0:nodec'"),
+                     ("nodec", "unknown method 'nodec'")]:
+        with pytest.raises(CM.CompareError, match="--variants") as e:
+            PL.parse_variants(bad)
+        assert e.match(msg), (bad, str(e.value))
+    # the command line: the error names --variants and exits 2 before any work
+    import contextlib
+    import io
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert CLI.main(["--variants", "decoder:nodec", "--estimate-only"]) == 2
+    assert "error: --variants: 'decoder:nodec'" in err.getvalue()
+    assert ":nodec" in CLI.build_parser().format_help()
+    # names in the tables; the defaults have both adapters-only rows
+    vs = PL.parse_variants(PL.DEFAULT_VARIANTS)
+    assert {"lorapt-r8-nodec", "lora-r8-nodec"} <= {v["name"] for v in vs}
+    assert [PL.variant_label(v) for v in PL.parse_variants("lorapt:8:nodec,lora:4,full")] == \
+        ["LoRA-PT (adapters only) r8", "LoRA r4", "full"]
+
+
+def test_nodec_runs_freeze_the_decoder_and_sweep_on_their_own(setup):
+    fake = FakeTrainer()
+    S = _settings(seeds=2, regimes={"full-data": 1.0}, protocols=["neuromorphometrics"])
+    grid = dict(GRID, lorapt=[1e-3, 3e-3, 1e-2])
+    cmp = _comparison(setup, fake, S=S, variants="lorapt:8,lorapt:8:nodec", grid=grid)
+    cmp.run()
+    by = {}
+    for c in fake.train_cfgs:
+        by.setdefault(c["adapter"]["train_decoder"], []).append(c)
+    # 3 sweep rates + 1 more seed each; the only difference is train_decoder (and lr)
+    assert {k: len(v) for k, v in by.items()} == {True: 4, False: 4}
+    assert sorted(c["train"]["lr"] for c in by[False] if c["train"]["seed"] == 0) == \
+        [1e-3, 3e-3, 1e-2]
+    strip = ("adapter.train_decoder", "train.lr")
+    for a, b in zip(sorted(by[True], key=lambda c: (c["train"]["seed"], c["train"]["lr"])),
+                    sorted(by[False], key=lambda c: (c["train"]["seed"], c["train"]["lr"]))):
+        if a["train"]["lr"] == b["train"]["lr"]:
+            assert _strip(a, *strip) == _strip(b, *strip)
+    # each has its own sweep and choice
+    assert sorted(cmp.lr_choice) == ["full-data/neuromorphometrics/lorapt-r8",
+                                     "full-data/neuromorphometrics/lorapt-r8-nodec"]
+    summ = json.loads((setup[2] / "summary.json").read_text())
+    assert [(s["variant"], s["train_decoder"]) for s in summ] == [
+        ("lorapt-r8", True), ("lorapt-r8-nodec", False)]
+    md = (setup[2] / "results.md").read_text()
+    assert "| LoRA-PT (adapters only) | 8 |" in md and "| LoRA-PT | 8 |" in md
+
+
+# ------------------------------------------------------------------------------------------
+# test subjects: 20 per protocol, from --test-start on
+# ------------------------------------------------------------------------------------------
+def test_twenty_test_subjects_from_test_start(tmp_path, monkeypatch):
+    p = CLI.build_parser()
+    for argv in ([], ["--quick"]):
+        S = CLI.settings_from_args(p.parse_args(argv))
+        assert (S["n_test"], S["test_start"]) == (20, 0)
+    S = CLI.settings_from_args(p.parse_args(["--test-start", "28"]))
+    assert S["test_start"] == 28
+    with pytest.raises(CM.CompareError, match="--test-start"):
+        CLI.settings_from_args(p.parse_args(["--test-start", "-1"]))
+    # recorded in plan.json: a folder made with another test_start is not continued
+    vs = PL.parse_variants("lorapt:8")
+    rec = PL.plan_record(S, vs, PL.LR_GRID, None, "cpu")
+    CM.write_json(tmp_path / "plan.json", rec)
+    assert json.loads((tmp_path / "plan.json").read_text())["settings"]["test_start"] == 28
+    assert PL.check_plan_file(tmp_path, rec) is True
+    with pytest.raises(CM.CompareError, match="other settings"):
+        PL.check_plan_file(tmp_path, PL.plan_record(dict(S, test_start=0), vs, PL.LR_GRID,
+                                                    None, "cpu"))
+    # and handed to the dataset builder
+    from tsvd.peft.seg import embedded as E
+    calls = []
+    monkeypatch.setattr(E, "build_dataset", lambda name, **kw: calls.append((name, kw)) or
+                        tmp_path / name)
+    got = RUN.prepare_data(dict(S, protocols=["neuromorphometrics", "harvard-oxford"]),
+                           tmp_path, log=lambda *a: None)
+    assert got == {p: tmp_path / p for p in ("neuromorphometrics", "harvard-oxford")}
+    assert [(n, kw["n_test"], kw["test_start"]) for n, kw in calls] == [
+        ("neuromorphometrics", 20, 28), ("harvard-oxford", 20, 28)]
+
+
+def test_runs_flip_along_all_three_axes(tmp_path):
+    for quick in (False, True):
+        S = PL.check_settings(quick)
+        cfg = PL.run_config(S, tmp_path / "d", tmp_path / "base.safetensors", 12, "full-data",
+                            PL.parse_variants("lorapt:8")[0], 1e-3, 0, "cpu")
+        assert cfg["data"]["flip_axes"] == [0, 1, 2]
+        assert cfg["infer"]["tta_flip"] == []          # test images are not flipped
+
+
+# ------------------------------------------------------------------------------------------
+# learning-rate grids that bracket the optimum, and the flag when they do not
+# ------------------------------------------------------------------------------------------
+def test_lr_grids_three_geometric_rates_and_plan_counts():
+    for m, g in PL.LR_GRID.items():
+        assert len(g) == 3 and g == sorted(g), m
+        assert g[1] / g[0] == pytest.approx(g[2] / g[1]), m          # geometric
+    for m in ("decoder", "lora", "pissa", "dora", "lorapt"):
+        assert PL.LR_GRID[m] == PL.LR_GRID["lorapt"]
+    assert PL.LR_GRID["full"] == pytest.approx([x / 10 for x in PL.LR_GRID["lorapt"]])
+    # the sizing comment's counts: 9 trained variants × 3 rates of sweep, 2 × 2 × 3 final runs
+    # each, the 9 seed-0 final runs of the first cell reuse their sweep run; the template
+    # prior once per (regime, protocol), first
+    S = PL.check_settings()
+    vs = PL.parse_variants(PL.DEFAULT_VARIANTS)
+    js = PL.jobs(S, vs, PL.LR_GRID)
+    sweep = [j for j in js if j["phase"] == "sweep"]
+    final = [j for j in js if j["phase"] == "final"]
+    assert [j["phase"] for j in js[:4]] == ["prior"] * 4
+    assert len(js) == 4 + len(sweep) + len(final)
+    assert (len(vs), len(sweep), len(final)) == (10, 27, 108)
+    assert sum(j["reuses_sweep"] for j in final) == 9
+    assert len(sweep) + len(final) - 9 == 126                  # trainings
+
+
+def test_grid_edge_by_hand():
+    g = [2e-3, 5e-3, 1.25e-2]
+    assert [R.grid_edge(x, g) for x in g] == ["lowest", None, "highest"]
+    assert R.grid_edge(1e-3, [1e-3]) == "single rate"
+    assert R.grid_edge(None, g) is None
+
+
+class PeakedTrainer(FakeTrainer):
+    """Validation Dice peaked at 5e-3 for LoRA-PT, rising with the rate for the decoder."""
+
+    def train(self, cfg, out, **kw):
+        summ = super().train(cfg, out, **kw)
+        lr = cfg["train"]["lr"]
+        summ["best_val_dice"] = (0.8 - abs(math.log(lr / 5e-3)) / 10
+                                 if cfg["adapter"]["method"] == "lorapt" else 0.5 + lr)
+        return summ
+
+
+def test_chosen_rate_at_grid_edge_is_flagged(setup):
+    S = _settings(seeds=1, regimes={"full-data": 1.0}, protocols=["neuromorphometrics"])
+    grid = dict(PL.LR_GRID)
+    cmp = _comparison(setup, PeakedTrainer(), S=S, variants="decoder,lorapt:8", grid=grid)
+    cmp.run()
+    out = setup[2]
+    ch = json.loads((out / "lr_choice.json").read_text())
+    dec, lpt = (ch[f"full-data/neuromorphometrics/{n}"] for n in ("decoder", "lorapt-r8"))
+    assert (dec["lr"], dec["at_grid_edge"], dec["grid"]) == (1.25e-2, "highest", grid["decoder"])
+    assert (lpt["lr"], lpt["at_grid_edge"]) == (5e-3, None)
+    with open(out / "summary.csv") as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    assert rows["decoder"]["lr_at_grid_edge"] == "highest"
+    assert rows["lorapt-r8"]["lr_at_grid_edge"] == ""
+    md = (out / "results.md").read_text()
+    assert "| decoder-only | – | 0.0125 † |" in md and "| LoRA-PT | 8 | 0.005 |" in md
+    assert "† chosen rate at an end of its grid" in md
+    assert "decoder-only: 0.0125, highest of 0.002, 0.005, 0.0125" in md
+
+
+# ------------------------------------------------------------------------------------------
+# the template prior
+# ------------------------------------------------------------------------------------------
+class FakePrior:
+    """Stands in for demo.template_prior_scores: hand-set Dice per subject; sub13 empty."""
+
+    def __init__(self, dice: dict):
+        self.dice, self.calls = dice, []
+
+    def __call__(self, cases, protocol, cache):
+        self.calls.append(([c["name"] for c in cases], protocol, cache))
+        d = [self.dice[c["name"]] for c in cases]
+        e = [c["name"] == "sub13" for c in cases]
+        h = [100.0 if x else 5.0 for x in e]
+        return {"dice": {"mean": float(sum(d) / len(d)), "std": float("nan"), "n": len(d)},
+                "hd95_mm": {"mean": float(sum(h) / len(h)), "std": float("nan"), "n": len(h),
+                            "n_empty": sum(e)},
+                "n": len(d)}
+
+
+def test_template_prior_row_and_paired_baseline(tmp_path):
+    import statistics
+
+    from scipy.stats import wilcoxon
+    ds = {"neuromorphometrics": fake_dataset(tmp_path / "nm", n_train=4, n_valid=2, n_test=8)}
+    pre = tmp_path / "base.safetensors"
+    pre.write_bytes(b"base")
+    test_names = [f"sub{i}" for i in range(6, 14)]
+    hand = dict(zip(test_names, [0.40, 0.45, 0.52, 0.38, 0.47, 0.50, 0.41, 0.0]))
+    prior = FakePrior(hand)
+    S = _settings(seeds=1, protocols=["neuromorphometrics"], n_train=4, n_test=8)
+    kw = dict(datasets=ds, pretrained=pre, device="cpu", log=lambda *a: None, plots=False,
+              cache=tmp_path / "cache")
+    vs = PL.parse_variants("lorapt:8,prior")
+    assert vs[1] == {"name": "template-prior", "method": "prior", "rank": None,
+                     "train_decoder": None}
+    fake = FakeTrainer()
+    cmp = RUN.Comparison(tmp_path / "out", S, vs, {"lorapt": [1e-3]}, train_fn=fake.train,
+                         evaluate_fn=fake.evaluate, prior_fn=prior, **kw)
+    cmp.run()
+    # one call per test subject (each alone, for the pairs), once for both regimes
+    assert prior.calls == [([n], "neuromorphometrics", tmp_path / "cache") for n in test_names]
+    assert all(c["adapter"]["method"] == "lorapt" for c in fake.train_cfgs)
+    summ = json.loads((tmp_path / "out" / "summary.json").read_text())
+    rows = [s for s in summ if s["variant"] == "template-prior"]
+    assert [s["regime"] for s in rows] == ["full-data", "low-data"]
+    for s in rows:
+        assert (s["rank"], s["lr"], s["seeds"], s["trainable_parameters"]) == (None, None, [], 0)
+        assert s["dice"]["mean"] == pytest.approx(statistics.mean(hand.values()))
+        assert s["dice_std_subjects"] == pytest.approx(statistics.stdev(hand.values()))
+        assert s["hd95_mm"]["mean"] == pytest.approx((7 * 5.0 + 100.0) / 8)
+        # a baseline of the paired test: LoRA-PT's subjects minus the prior's, scipy's p
+        (t,) = s["paired"]
+        lpt = next(r for r in cmp.final_runs() if r["variant"] == "lorapt-r8" and
+                   r["regime"] == s["regime"])
+        diff = [lpt["test_case_dice"][n] - hand[n] for n in test_names]
+        assert (t["reference"], t["n_pairs"]) == ("lorapt-r8", 8)
+        assert t["median_diff"] == pytest.approx(statistics.median(diff))
+        assert t["p_value"] == pytest.approx(wilcoxon(diff).pvalue)
+    with open(tmp_path / "out" / "summary.csv") as f:
+        csv_rows = [r for r in csv.DictReader(f) if r["variant"] == "template-prior"]
+    assert [(r["rank"], r["lr"], r["trainable_parameters"]) for r in csv_rows] == \
+        [("", "", "0")] * 2
+    md = (tmp_path / "out" / "results.md").read_text()
+    m = statistics.mean(hand.values())
+    assert f"| neuromorphometrics | template prior (no training) | – | – | {m:.3f} (± " in md
+    assert "| LoRA-PT r8 | template prior (no training) | 8 |" in md
+    # resumed: the prior is read back, not recomputed
+    again = FakePrior(hand)
+    RUN.Comparison(tmp_path / "out", S, vs, {"lorapt": [1e-3]}, train_fn=fake.train,
+                   evaluate_fn=fake.evaluate, prior_fn=again, **kw).run()
+    assert again.calls == []
+
+
+# ------------------------------------------------------------------------------------------
+# summary.csv: paired columns against one LoRA-PT row, empty predictions, sample std
+# ------------------------------------------------------------------------------------------
+def test_summary_paired_columns_empty_counts_and_sample_std(tmp_path):
+    import random
+    import statistics
+
+    from scipy.stats import wilcoxon
+    subjects = [f"s{i}" for i in range(8)]
+    rng = random.Random(3)
+
+    def runs_of(variant, method, rank, td, val, level, seeds=2, empty=(0, 0)):
+        out = []
+        for seed in range(seeds):
+            cases = {s: level + rng.uniform(-0.1, 0.1) for s in subjects}
+            out.append({"regime": "full-data", "protocol": "p", "variant": variant,
+                        "method": method, "rank": rank, "train_decoder": td, "lr": 1e-3,
+                        "seed": seed, "final": True, "train_subjects": 8,
+                        "test_dice": statistics.mean(cases.values()), "test_hd95_mm": 2.0,
+                        "test_cases": len(cases), "test_empty": empty[seed],
+                        "val_dice": val, "trainable_parameters": 10, "adapter_parameters": 4,
+                        "model_parameters": 100, "artefact_bytes": 1, "test_case_dice": cases})
+        return out
+    # LoRA-PT r8 has the best test Dice, LoRA-PT r4 the best validation Dice
+    runs = (runs_of("lorapt-r8", "lorapt", 8, True, 0.60, 0.80) +
+            runs_of("lorapt-r4", "lorapt", 4, True, 0.70, 0.70) +
+            runs_of("lorapt-r8-nodec", "lorapt", 8, False, 0.50, 0.60) +
+            runs_of("lora-r8", "lora", 8, True, 0.65, 0.75, empty=(1, 2)) +
+            runs_of("lora-r8-nodec", "lora", 8, False, 0.50, 0.55) +
+            runs_of("lora-r2", "lora", 2, True, 0.50, 0.50) +
+            runs_of("decoder", "decoder", None, True, 0.60, 0.65))
+    vs = PL.parse_variants("lorapt:8,lorapt:4,lorapt:8:nodec,lora:8,lora:8:nodec,lora:2,decoder")
+    R.write_reports(tmp_path, runs, {}, vs, _settings(), plots=False)
+    with open(tmp_path / "summary.csv") as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    want_ref = {"lorapt-r8": "", "lorapt-r4": "", "lorapt-r8-nodec": "",
+                "lora-r8": "lorapt-r8", "lora-r8-nodec": "lorapt-r8-nodec",
+                "lora-r2": "lorapt-r4", "decoder": "lorapt-r4"}
+    assert {v: r["paired_reference"] for v, r in rows.items()} == want_ref
+
+    def subject_means(name):
+        rs = [r for r in runs if r["variant"] == name]
+        return [statistics.mean(r["test_case_dice"][s] for r in rs) for s in subjects]
+    for name, ref in want_ref.items():
+        r = rows[name]
+        seed_dice = [x["test_dice"] for x in runs if x["variant"] == name]
+        assert float(r["dice_std"]) == pytest.approx(statistics.stdev(seed_dice))   # ddof 1
+        assert float(r["dice_mean"]) == pytest.approx(statistics.mean(seed_dice))
+        if not ref:
+            assert r["paired_p"] == r["paired_median_dice_diff"] == r["paired_n"] == ""
+            continue
+        a, b = subject_means(ref), subject_means(name)
+        d = [x - y for x, y in zip(a, b)]
+        assert int(r["paired_n"]) == 8 and r["paired_note"] == ""
+        assert float(r["paired_median_dice_diff"]) == pytest.approx(statistics.median(d))
+        assert float(r["paired_p"]) == pytest.approx(wilcoxon(a, b).pvalue)
+    assert (rows["lora-r8"]["empty_predictions"], rows["lora-r8"]["predictions"]) == ("3", "16")
+    assert rows["decoder"]["empty_predictions"] == "0"
+    summ = json.loads((tmp_path / "summary.json").read_text())
+    dec = next(s for s in summ if s["variant"] == "decoder")
+    assert dec["paired_reference"]["reference"] == "lorapt-r4"
+    assert dec["paired_reference"] in dec["paired"]
+    md = (tmp_path / "results.md").read_text()
+    assert "| 3/16 |" in md and "empty preds" in md
+
+
+def test_evaluate_empty_predictions_reach_the_run(setup):
+    class EmptyEval(FakeTrainer):
+        def evaluate(self, cfg, checkpoint, out, **kw):
+            res = super().evaluate(cfg, checkpoint, out, **kw)
+            res["hd95_mm"]["n_empty"] = 1
+            return res
+    S = _settings(seeds=1, regimes={"full-data": 1.0}, protocols=["neuromorphometrics"])
+    cmp = _comparison(setup, EmptyEval(), S=S, variants="lorapt:8", grid={"lorapt": [1e-3]})
+    cmp.run()
+    (r,) = cmp.final_runs()
+    assert (r["test_empty"], r["test_cases"]) == (1, 3)
+    # evaluate()'s per-subject rows when the summary has no count
+    res = {}
+    RUN.Comparison._add_test(res, {"dice": {"mean": 0.5, "std": 0.1, "n": 3},
+                                   "hd95_mm": {"mean": 1.0, "std": 0.1, "n": 3},
+                                   "cases": [{"case": c, "dice": 0.5, "empty_prediction": e}
+                                             for c, e in (("a", True), ("b", True),
+                                                          ("c", False))]})
+    assert res["test_empty"] == 2
+
+
+# ------------------------------------------------------------------------------------------
+# --quick: fewer variants, sized to the 20-minute budget
+# ------------------------------------------------------------------------------------------
+#: the calibration printed by the full comparison of 2026-11-27 (bench/results/
+#: compare_cpu_2core_2026-11-27/compare.log): s/step 0.98-1.13, forward 0.34 s, one subject's
+#: preprocessing 0.15 s; the slowest step for every variant
+CAL_2026_11_27 = {"step_s": {}, "setup_s": {}, "fwd_s": 0.34, "case_s": 0.15}
+
+
+def test_quick_plan_fits_twenty_minutes():
+    p = CLI.build_parser()
+    args = p.parse_args(["--quick"])
+    S = CLI.settings_from_args(args)
+    vs = CLI.variants_from_args(args)
+    assert [v["name"] for v in vs] == ["decoder", "lora-r8", "lorapt-r8", "lorapt-r8-nodec",
+                                       "template-prior"]
+    assert CLI.variants_from_args(p.parse_args(["--quick", "--variants", "lora:4"])) == \
+        PL.parse_variants("lora:4")
+    js = PL.jobs(S, vs, PL.QUICK_LR_GRID)
+    phases = [j["phase"] for j in js]
+    assert (phases.count("prior"), phases.count("sweep"), phases.count("final")) == (1, 12, 4)
+    assert all(j["reuses_sweep"] for j in js if j["phase"] == "final")
+    assert PL.steps_per_run(S) == 48
+    cal = dict(CAL_2026_11_27, step_s={v["name"]: 1.13 for v in vs})
+    est = sum(PL.estimate_run(S, S["n_train"], j, cal) for j in js) / 2     # 2 workers
+    # by hand: 12 trainings of 48 steps + 16 subjects' preprocessing + 3 epochs of 4
+    # validation forwards; 4 tests of 20 subjects; the prior's 20 subjects
+    train = 48 * 1.13 + 16 * 0.15 + 3 * 4 * 0.34
+    by_hand = (12 * train + 4 * 20 * (2 * 0.15 + 0.34) + 20 * 2 * 0.15) / 2
+    assert est == pytest.approx(by_hand)
+    assert est * PL.ESTIMATE_RATIO < PL.QUICK_BUDGET_S == 20 * 60
+    assert "--quick" in p.format_help() and PL.QUICK_VARIANTS in p.format_help()
+
+
+def test_quick_prints_its_estimate_before_running(tmp_path, monkeypatch, capsys):
+    ds = fake_dataset(tmp_path / "nm", n_train=12, n_valid=4, n_test=20)
+    base = tmp_path / "base.safetensors"
+    base.write_bytes(b"base")
+    seen = {}
+
+    def fake_cal(S, variants, dataset, device):
+        seen["variants"] = [v["name"] for v in variants]
+        return dict(CAL_2026_11_27, step_s={v["name"]: 1.13 for v in variants})
+    monkeypatch.setattr(CLI, "prepare_data", lambda S, cache: {"neuromorphometrics": ds})
+    monkeypatch.setattr(CLI, "pretrain", lambda *a, **k: base)
+    monkeypatch.setattr(PL, "calibrate", fake_cal)
+    out = tmp_path / "out"
+    assert CLI.main(["--quick", "--estimate-only", "--workers", "2", "--out", str(out),
+                     "--cache", str(tmp_path / "cache")]) == 0
+    text = capsys.readouterr().out
+    assert seen["variants"] == ["decoder", "lora-r8", "lorapt-r8", "lorapt-r8-nodec",
+                                "template-prior"]
+    assert "17 runs (12 trainings" in text and "1 template-prior evaluations" in text
+    assert "estimated time for the 17 remaining runs: 6m33s" in text     # 6.55 min by hand
+    assert "note: this --quick plan" not in text
+    assert not (out / "plan.json").exists()                              # nothing was run
+
+
+def test_template_prior_through_the_demo_function(tmp_path, monkeypatch):
+    """The default prior_fn is tsvd.peft.seg.demo.template_prior_scores, called on each test
+    subject; with the atlas step (embedded.template_prior) replaced by a fixed box (the 2nd
+    subject: nothing), each subject's Dice is the box's against its label file, by hand."""
+    import nibabel as nib
+    import numpy as np
+    from test_data import make_dataset
+    from tsvd.peft.seg import embedded as E
+    data = make_dataset(tmp_path / "d", "eadc", n_train=1, n_valid=1, n_test=3)
+    calls = []
+
+    def box(protocol, affine, shape, cache_dir=None):
+        calls.append((protocol, tuple(shape), cache_dir))
+        m = np.zeros(shape, bool)
+        if len(calls) != 2:
+            m[14:23, 13:24, 15:20] = True
+        return m
+    monkeypatch.setattr(E, "template_prior", box)
+    S = dict(PL.FULL, protocols=["p"], seeds=1, n_test=3, regimes={"full-data": 1.0})
+    cmp = RUN.Comparison(tmp_path / "out", S, PL.parse_variants("prior"), {},
+                         datasets={"p": data}, pretrained=tmp_path / "none", device="cpu",
+                         cache=tmp_path / "cache", log=lambda *a: None, plots=False)
+    cmp.run()
+    (r,) = cmp.runs
+    names = (data / "test.txt").read_text().split()
+    assert sorted(r["test_case_dice"]) == sorted(names) and len(calls) == 3
+    assert {c[0] for c in calls} == {"p"} and {c[2] for c in calls} == {tmp_path / "cache"}
+    for k, n in enumerate(names):
+        lab = np.asarray(nib.load(data / n / f"{n}_mask.nii.gz").dataobj) > 0
+        m = np.zeros(lab.shape, bool)
+        if k != 1:
+            m[14:23, 13:24, 15:20] = True
+        want = 2 * (m & lab).sum() / (m.sum() + lab.sum())
+        assert (want > 0.4) == (k != 1)                  # the box overlaps each label
+        assert r["test_case_dice"][n] == pytest.approx(want, abs=1e-6), n
+    assert r["test_empty"] == 1 and r["test_cases"] == 3
+    assert r["test_dice"] == pytest.approx(np.mean(list(r["test_case_dice"].values())))

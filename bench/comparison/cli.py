@@ -13,7 +13,7 @@ from . import plan as P
 from .common import CompareError, fmt_lr, fmt_time, write_json
 from .run import Comparison, cuda_available, prepare_data, pretrain, worker_main
 
-__all__ = ["build_parser", "settings_from_args", "main"]
+__all__ = ["build_parser", "settings_from_args", "variants_from_args", "main"]
 
 
 def _grid_text(grid: dict) -> str:
@@ -30,15 +30,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "folder skips the runs that have a result.json (resume)")
     ap.add_argument("--quick", action="store_true",
                     help=f"one seed, protocol {Q['protocols'][0]}, the full-data regime "
-                    f"only, {Q['epochs']} epochs × {Q['samples_per_epoch']} samples, two "
-                    f"learning rates per method "
-                    f"(what CI or a reviewer runs; < 20 min on 2 CPU cores)")
+                    f"only, {Q['epochs']} epochs × {Q['samples_per_epoch']} samples, "
+                    f"{len(P.QUICK_LR_GRID['lorapt'])} learning rates per method "
+                    f"and the variants {P.QUICK_VARIANTS} (what CI or a reviewer runs; "
+                    f"sized to < {P.QUICK_BUDGET_S // 60} min on 2 CPU cores, the estimate is "
+                    f"printed before the runs start)")
     ap.add_argument("--protocols", help="comma-separated embedded protocols (default "
                     f"{','.join(F['protocols'])}; --quick: {Q['protocols'][0]}; "
                     "available: neuromorphometrics, harvard-oxford, desikan-killiany, aal)")
-    ap.add_argument("--variants", default=P.DEFAULT_VARIANTS,
-                    help="comma-separated METHOD[:RANK], METHOD one of "
-                    f"{', '.join(P.methods())} (default %(default)s)")
+    ap.add_argument("--variants",
+                    help="comma-separated METHOD[:RANK][:nodec], METHOD one of "
+                    f"{', '.join(P.methods())}; RANK (default 8) only for methods with a rank; "
+                    ":nodec (adapter methods only) trains the adapters alone, CNN "
+                    "encoder/decoder and head frozen, e.g. lorapt:8:nodec; prior: the "
+                    f"template prior (no training) (default {P.DEFAULT_VARIANTS}; --quick: "
+                    f"{P.QUICK_VARIANTS})")
     ap.add_argument("--seeds", type=int, help=f"training seeds 0..N-1 (default {F['seeds']}, "
                     f"--quick {Q['seeds']})")
     ap.add_argument("--epochs", type=int, help=f"epochs per run (default {F['epochs']}, "
@@ -60,7 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--n-train", type=int, help=f"training subjects per protocol (default "
                     f"{F['n_train']})")
     ap.add_argument("--n-valid", type=int, help=f"validation subjects (default {F['n_valid']})")
-    ap.add_argument("--n-test", type=int, help=f"test subjects (default {F['n_test']})")
+    ap.add_argument("--n-test", type=int, help=f"test subjects per protocol (default "
+                    f"{F['n_test']})")
+    ap.add_argument("--test-start", type=int,
+                    help=f"first test subject: the test subjects are numbers TEST_START .. "
+                    f"TEST_START + n_test - 1 of each protocol's test seed range (default "
+                    f"{F['test_start']}; recorded in plan.json)")
     ap.add_argument("--preset", choices=["cpu", "paper", "tiny"],
                     help="UNETR preset (default cpu)")
     ap.add_argument("--pretrained", help="base checkpoint to fine-tune (default: pre-train once "
@@ -92,7 +103,17 @@ def settings_from_args(args) -> dict:
         args.quick, protocols=args.protocols, low_data_fraction=args.low_data_fraction,
         sweep=args.sweep, seeds=args.seeds, epochs=args.epochs,
         samples_per_epoch=args.samples_per_epoch, batch_size=args.batch_size,
-        n_train=args.n_train, n_valid=args.n_valid, n_test=args.n_test, preset=args.preset)
+        n_train=args.n_train, n_valid=args.n_valid, n_test=args.n_test,
+        test_start=args.test_start, preset=args.preset)
+
+
+def variants_from_args(args) -> list[dict]:
+    """The variants of ``--variants`` (default :data:`.plan.DEFAULT_VARIANTS`, with
+    ``--quick`` :data:`.plan.QUICK_VARIANTS`), parsed."""
+    text = args.variants
+    if text is None:
+        text = P.QUICK_VARIANTS if args.quick else P.DEFAULT_VARIANTS
+    return P.parse_variants(text)
 
 
 def main(argv=None) -> int:
@@ -122,7 +143,7 @@ def _main(args) -> int:
         raise CompareError(f"--workers: expected a positive integer, got {args.workers}")
     if args.threads is not None and args.threads < 1:
         raise CompareError(f"--threads: expected a positive integer, got {args.threads}")
-    variants = P.parse_variants(args.variants)
+    variants = variants_from_args(args)
     grid = P.parse_lrs(args.lrs, P.QUICK_LR_GRID if args.quick else P.LR_GRID)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -146,25 +167,33 @@ def _main(args) -> int:
         raise CompareError(f"--pretrained {pre}: file not found")
     print(f"data and pre-trained weights ready in {fmt_time(time.time() - t0)}; base {pre}")
     cmp = Comparison(out, S, variants, grid, datasets=datasets, pretrained=pre,
-                     device=args.device, verbose=args.verbose, workers=args.workers,
-                     threads_per_worker=args.threads)
+                     device=args.device, cache=cache, verbose=args.verbose,
+                     workers=args.workers, threads_per_worker=args.threads)
     jobs = cmp.plan()
     todo = [j for j in jobs if not cmp.is_done(j)]
     n_reused = sum(1 for j in jobs if j.get("reuses_sweep"))
+    n_prior = sum(1 for j in jobs if j["phase"] == "prior")
     print(f"plan: {len(S['regimes'])} regime(s) {list(S['regimes'])} × {len(S['protocols'])} "
           f"protocol(s) {S['protocols']} × {len(variants)} variants "
           f"[{', '.join(v['name'] for v in variants)}]; seeds {S['seeds']}; learning rates "
-          + _grid_text({m: grid[m] for m in dict.fromkeys(v['method'] for v in variants)})
-          + f"\n      {len(jobs)} runs ({len(jobs) - n_reused} trainings of {S['epochs']} "
-          f"epochs × {S['samples_per_epoch']} samples, batch {S['batch_size']}, "
-          f"{cmp.steps_per_run()} steps; {n_reused} final runs are sweep runs evaluated on "
-          f"the test split); {len(jobs) - len(todo)} done before, {len(todo)} to run")
+          + _grid_text({m: grid[m] for m in dict.fromkeys(v['method'] for v in variants
+                                                         if not P.is_prior(v))})
+          + f"\n      {len(jobs)} runs ({len(jobs) - n_reused - n_prior} trainings of "
+          f"{S['epochs']} epochs × {S['samples_per_epoch']} samples, batch "
+          f"{S['batch_size']}, {cmp.steps_per_run()} steps; {n_reused} final runs are sweep "
+          f"runs evaluated on the test split; {n_prior} template-prior evaluations); "
+          f"{len(jobs) - len(todo)} done before, {len(todo)} to run")
     cal = None
     if todo and not args.no_calibrate:
         cal = P.calibrate(S, variants, datasets[S["protocols"][0]], args.device)
         est = sum(cmp.estimate_run(j, cal) for j in todo) / args.workers
         print(f"estimated time for the {len(todo)} remaining runs: {fmt_time(est)} "
-              f"(from the calibration; other load on the machine makes it longer)")
+              f"(from the calibration, assuming the workers do not slow each other; the "
+              f"full comparison of 2026-11-27 took {P.ESTIMATE_RATIO:.2f}x its estimate: "
+              f"{fmt_time(est * P.ESTIMATE_RATIO)}; other load on the machine makes it longer)")
+        if args.quick and est * P.ESTIMATE_RATIO > P.QUICK_BUDGET_S:
+            print(f"note: this --quick plan is estimated above "
+                  f"{fmt_time(P.QUICK_BUDGET_S)} on this machine (options or load)")
     if args.estimate_only:
         return 0
     write_json(out / "plan.json", record)

@@ -14,44 +14,94 @@ import numpy as np
 
 from .common import CompareError, fmt_lr, n_used, read_json
 
-__all__ = ["DEFAULT_VARIANTS", "LR_GRID", "QUICK_LR_GRID", "NAMES", "FULL", "QUICK",
-           "methods", "takes_rank", "display_name", "parse_variants", "parse_lrs",
-           "check_settings", "plan_record", "check_plan_file", "steps_per_run", "sweep_key",
-           "jobs", "run_dir", "run_config", "estimate_run", "calibrate"]
+__all__ = ["DEFAULT_VARIANTS", "QUICK_VARIANTS", "QUICK_BUDGET_S", "ESTIMATE_RATIO", "LR_GRID",
+           "QUICK_LR_GRID", "NAMES", "FULL", "QUICK", "NODEC", "PRIOR", "methods", "takes_rank",
+           "uses_adapters", "is_prior", "display_name", "variant_label", "parse_variants",
+           "parse_lrs", "check_settings", "plan_record", "check_plan_file", "steps_per_run",
+           "sweep_key", "jobs", "run_dir", "prior_dir", "run_config", "estimate_run",
+           "calibrate"]
 
 #: DoRA is among the defaults: its training step costs about 1.06x LoRA's (cpu preset, batch 1,
-#: 1 thread, 6 steps of decoder/lora/dora/lorapt interleaved in one process, 2026-12-04), so
-#: the 7th variant adds about 1/6 to the plan (full: ~1 h 45 min from the measured 1 h 30 min
-#: for 6 variants; --quick: ~11 min from 9 min 12 s with data and pre-training cached)
-DEFAULT_VARIANTS = "decoder,full,lora:8,pissa:8,dora:8,lorapt:4,lorapt:8"
-#: learning-rate grids (Adam, amsgrad, poly decay) of the sweep, per registered method. Batch 1:
-#: the demo fine-tunes LoRA-PT at 5e-3 (3e-3 within 0.003 Dice of it); full fine-tuning moves
-#: every pre-trained weight, so its grid is 10x lower; DoRA is LoRA plus a magnitude per row
-#: and gets LoRA's grid.
-LR_GRID = {"decoder": [2e-3, 5e-3], "full": [2e-4, 5e-4], "lora": [2e-3, 5e-3],
-           "pissa": [2e-3, 5e-3], "dora": [2e-3, 5e-3], "lorapt": [2e-3, 5e-3]}
+#: 1 thread, 6 steps of decoder/lora/dora/lorapt interleaved in one process, 2026-12-04).
+#: ``lorapt:8:nodec`` and ``lora:8:nodec`` train the adapters alone (CNN encoder/decoder and
+#: head frozen; issue 12: the decoder is 85-90 % of every PEFT run's trainables, so the
+#: rows with it mostly measure the decoder); each is one more variant (sizing: see FULL).
+#: ``prior``: the template prior, the no-training baseline every method must beat.
+DEFAULT_VARIANTS = ("decoder,full,lora:8,pissa:8,dora:8,lorapt:4,lorapt:8,lorapt:8:nodec,"
+                    "lora:8:nodec,prior")
+#: learning-rate grids (Adam, amsgrad, poly decay) of the sweep, per registered method: three
+#: rates, geometric with factor 2.5 around 5e-3 (full fine-tuning, which moves every
+#: pre-trained weight, 10x lower). Why there: in the two-rate sweep of 2026-11-27
+#: (``bench/results/compare_cpu_2core_2026-11-27/lr_choice.json``) every variant chose the
+#: upper rate, 5e-3 over 2e-3 (decoder-only, LoRA, PiSSA by 0.075-0.09 validation Dice, LoRA-PT
+#: by 0.005-0.01; full 5e-4 over 2e-4 by 0.13), so the optimum was not bracketed from above;
+#: both old rates stay in the grid and 1.25e-2 (1.25e-3) tests the other side. The demo
+#: fine-tunes at 5e-3. That sweep predates the per-factor adapter rates of LoRA-PT and PiSSA
+#: (``tsvd.peft`` FACTOR_RATE, 2026-12-04) and the current embedded benchmark, so the centre
+#: is a guess from old evidence: the report flags a chosen rate at an end of its grid.
+#: DoRA is LoRA plus a magnitude per row and gets LoRA's grid; the ``:nodec`` variants use
+#: their method's grid (a sweep of their own).
+LR_GRID = {"decoder": [2e-3, 5e-3, 1.25e-2], "full": [2e-4, 5e-4, 1.25e-3],
+           "lora": [2e-3, 5e-3, 1.25e-2], "pissa": [2e-3, 5e-3, 1.25e-2],
+           "dora": [2e-3, 5e-3, 1.25e-2], "lorapt": [2e-3, 5e-3, 1.25e-2]}
 QUICK_LR_GRID = dict(LR_GRID)
 #: names in the tables
 NAMES = {"decoder": "decoder-only", "full": "full", "lora": "LoRA", "pissa": "PiSSA",
-         "dora": "DoRA", "lorapt": "LoRA-PT"}
+         "dora": "DoRA", "lorapt": "LoRA-PT", "prior": "template prior (no training)"}
+#: the template prior (``--variants prior``): no training; each test subject's prediction is
+#: the protocol's hippocampus of the undeformed template on the subject's grid
+#: (``tsvd.peft.seg.demo.template_prior_scores``), no image looked at; one row per (regime,
+#: protocol), the same numbers in every regime
+PRIOR = {"name": "template-prior", "method": "prior", "rank": None, "train_decoder": None}
 
-#: the full comparison (CPU preset). Sizing: 7 variants, 2 protocols, 2 regimes, 3 seeds =
-#: 84 final runs + 14 sweep runs (7 of them reused as final runs) = 91 trainings of 64 steps
-#: (batch 1, as the demo) + 84 test evaluations. On this 2-core machine (2026-11-27), with
-#: 2 worker processes of 1 thread: 1.5-1.9 s per step and worker, 1 h 30 min in all for the
-#: 6 variants without DoRA (measured; 78 trainings), plus the one-off dataset building and
-#: pre-training (cached). Post-processing as
-#: the demo: the 2 largest connected components are kept (left and right hippocampus).
+#: the full comparison (CPU preset). Sizing: 9 trained variants, 2 protocols, 2 regimes, 3
+#: seeds = 108 final runs + 27 sweep runs (3 rates each; 9 of them reused as final runs) =
+#: 126 trainings of 64 steps (batch 1, as the demo) + 108 test evaluations of 20 subjects.
+#: Measured on this 2-core machine (2026-11-27), with 2 worker processes of 1 thread:
+#: 1.5-1.9 s per step and worker, 1 h 30 min in all for 6 variants without DoRA (78
+#: trainings and 72 evaluations of 8 subjects: about 69 s per training, evaluation
+#: included). Estimated from those figures, not measured: 126 × 69 s ≈ 2 h 25 min, plus the
+#: 12 more test subjects per evaluation (about 1.1 s each: that run's calibration, 2 × 0.15 s
+#: preprocessing + 0.34 s forward, times its measured/estimated ratio 1.75) ≈ 12 min with 2
+#: workers: about 2 h 40 min, within the issue's 6 h; the step time of the adapters-only
+#: variants was not measured (counted as a full step), the template prior (4 evaluations, no
+#: training) is left out. Plus the one-off dataset building and pre-training (cached).
+#: Post-processing as the demo: the 2 largest connected components are kept (left and right
+#: hippocampus).
+#: Test subjects: 20 per protocol (issue 12: >= 20), subjects ``test_start`` ..
+#: ``test_start + 19`` of the protocol's test seed range (``embedded.build_dataset``).
+#: Augmentation: random flips along all three axes (issue 12 item 6; as the demo and the
+#: library's default ``data.flip_axes``). The images are RAS: axis 0 (left-right) swaps the
+#: hemispheres, which leaves the label a hippocampus (both sides are labelled); axes 1 and 2
+#: (anterior-posterior, inferior-superior) make mirrored brains no subject has, used as
+#: augmentation only (validation and test images are never flipped: no TTA).
 FULL = {
-    "preset": "cpu", "spacing": 1.5, "flip_axes": [0], "roi": "mni-hippocampus",
+    "preset": "cpu", "spacing": 1.5, "flip_axes": [0, 1, 2], "roi": "mni-hippocampus",
     "protocols": ["neuromorphometrics", "harvard-oxford"],
-    "n_train": 12, "n_valid": 4, "n_test": 8, "dataset_seed": 0,
+    "n_train": 12, "n_valid": 4, "n_test": 20, "test_start": 0, "dataset_seed": 0,
     "seeds": 3, "epochs": 4, "samples_per_epoch": 16, "batch_size": 1, "keep_components": 2,
     "regimes": {"full-data": 1.0, "low-data": 0.25}, "sweep": "method",
 }
-#: --quick: one seed, one protocol, the full-data regime, 3 × 16 samples, two rates per method
+#: --quick: one seed, one protocol, the full-data regime, 3 × 16 samples, three rates per
+#: method, 20 test subjects, and fewer variants (:data:`QUICK_VARIANTS`): 4 trained variants ×
+#: 3 rates = 12 trainings of 48 steps, whose 4 chosen runs are the final runs (tested once),
+#: and the template prior. Estimated, not measured: from the calibration of 2026-11-27
+#: (0.98-1.13 s/step, 0.34 s forward, 0.15 s preprocessing; ``estimate_run``'s model) about
+#: 6.5 min with 2 workers, times :data:`ESTIMATE_RATIO` about 11.5 min; from the measured
+#: 9 min 12 s of the old --quick (the same 12 trainings of 48 steps, 6 tests of 8 subjects;
+#: README) plus about 1.1 s per extra tested subject on 2 workers, about 10 min. Both fit
+#: :data:`QUICK_BUDGET_S` with the data and pre-training cached; a cold cache added about
+#: 5.5 min then (pre-training 4 min 40 s; README), about 16 min in all.
 QUICK = dict(FULL, protocols=["neuromorphometrics"], seeds=1, epochs=3,
              regimes={"full-data": 1.0})
+#: --quick's variants: the decoder-only and LoRA baselines, LoRA-PT with and without the
+#: decoder, the template prior
+QUICK_VARIANTS = "decoder,lora:8,lorapt:8,lorapt:8:nodec,prior"
+#: what --quick must fit in on 2 CPU cores (issue 12): 20 min
+QUICK_BUDGET_S = 20 * 60
+#: measured / estimated wall time of the full comparison of 2026-11-27 (1 h 30 min against the
+#: calibration's 51 min 25 s: the estimate assumes the 2 workers do not slow each other)
+ESTIMATE_RATIO = 90 / 51.4
 
 
 # ------------------------------------------------------------------------------------------
@@ -69,21 +119,79 @@ def takes_rank(method: str) -> bool:
     return "rank" in get_method(method).options
 
 
-def display_name(method: str) -> str:
-    """The method's name in the tables (its registry name when it has no entry in NAMES)."""
-    return NAMES.get(method, method)
+def uses_adapters(method: str) -> bool:
+    """Whether the registered ``method`` puts adapters on the transformer's layers (LoRA-PT,
+    LoRA, PiSSA, DoRA), so that it can train them alone (``:nodec``)."""
+    from tsvd.peft import get_method
+    return bool(get_method(method).uses_targets)
+
+
+def is_prior(variant: dict) -> bool:
+    """Whether ``variant`` is the template prior (:data:`PRIOR`): nothing to train."""
+    return variant.get("method") == PRIOR["method"]
+
+
+def display_name(method: str, train_decoder=True) -> str:
+    """The method's name in the tables (its registry name when it has no entry in NAMES);
+    ``train_decoder=False``: with `` (adapters only)``."""
+    name = NAMES.get(method, method)
+    return name if train_decoder in (True, None) else f"{name} (adapters only)"
+
+
+def variant_label(variant: dict) -> str:
+    """A variant's name in the tables, e.g. ``LoRA-PT r8``, ``LoRA (adapters only) r8``."""
+    return display_name(variant["method"], variant.get("train_decoder", True)) + (
+        f" r{variant['rank']}" if variant.get("rank") else "")
+
+
+#: the suffix of an adapters-only variant (``lorapt:8:nodec``)
+NODEC = "nodec"
 
 
 def parse_variants(text: str) -> list[dict]:
-    """``"decoder,full,lora:8,dora:8,lorapt:4"`` -> [{"name", "method", "rank"}, ...]; a method
-    with a rank option defaults to rank 8, one without must not be given a rank."""
+    """``"decoder,full,lora:8,lorapt:8:nodec"`` -> [{"name", "method", "rank",
+    "train_decoder"}, ...], in the order given.
+
+    One variant is spelled ``METHOD[:RANK][:nodec]``:
+
+    - ``METHOD``: a method of the registry (:func:`methods`);
+    - ``RANK``: a positive integer, only for a method with a ``rank`` option (rank 8 when
+      left out); name ``METHOD-rRANK``;
+    - ``:nodec`` (adapter methods only: lorapt, lora, pissa, dora): the adapters train alone,
+      the CNN encoder/decoder and head stay frozen (``adapter.train_decoder`` False; without
+      it True, as in the paper); name ``METHOD-rRANK-nodec``, shown as e.g. ``LoRA-PT
+      (adapters only) r8``, with a learning-rate sweep of its own. ``lorapt:nodec`` is
+      ``lorapt:8:nodec``.
+
+    ``prior`` is the template prior (:data:`PRIOR`, no training).
+
+    Anything else is a CompareError naming ``--variants``."""
     known = methods()
     out, seen = [], set()
     for part in [p.strip() for p in str(text).split(",") if p.strip()]:
-        method, _, rank = part.partition(":")
+        if part == PRIOR["method"]:
+            if PRIOR["name"] in seen:
+                raise CompareError(f"--variants: {PRIOR['method']} given twice")
+            seen.add(PRIOR["name"])
+            out.append(dict(PRIOR))
+            continue
+        method, *rest = [x.strip() for x in part.split(":")]
         if method not in known:
             raise CompareError(f"--variants: unknown method {method!r} in {part!r} "
-                               f"(expected one of {', '.join(known)}, e.g. lorapt:8)")
+                               f"(expected one of {', '.join(known)}, e.g. lorapt:8 or "
+                               f"lorapt:8:{NODEC}, or {PRIOR['method']})")
+        nodec = bool(rest) and rest[-1] == NODEC
+        if nodec:
+            rest = rest[:-1]
+            if not uses_adapters(method):
+                raise CompareError(f"--variants: {part!r}: :{NODEC} (adapters alone) is for "
+                                   f"the adapter methods "
+                                   f"({', '.join(m for m in known if uses_adapters(m))}); "
+                                   f"{method} has no adapters")
+        if len(rest) > 1 or NODEC in rest:
+            raise CompareError(f"--variants: {part!r}: expected METHOD[:RANK][:{NODEC}], "
+                               f"e.g. lorapt:8:{NODEC}")
+        rank = rest[0] if rest else ""
         if not takes_rank(method):
             if rank:
                 raise CompareError(f"--variants: {method} has no rank ({part!r})")
@@ -94,12 +202,13 @@ def parse_variants(text: str) -> list[dict]:
             except ValueError:
                 r = -1
             if r < 1:
-                raise CompareError(f"--variants: rank of {part!r} must be a positive integer")
-            name = f"{method}-r{r}"
+                raise CompareError(f"--variants: rank of {part!r} must be a positive integer "
+                                   f"(METHOD[:RANK][:{NODEC}])")
+            name = f"{method}-r{r}" + (f"-{NODEC}" if nodec else "")
         if name in seen:
             raise CompareError(f"--variants: {name} given twice")
         seen.add(name)
-        out.append({"name": name, "method": method, "rank": r})
+        out.append({"name": name, "method": method, "rank": r, "train_decoder": not nodec})
     if not out:
         raise CompareError("--variants: no variant given")
     return out
@@ -134,13 +243,14 @@ _INT_SETTINGS = ("seeds", "epochs", "samples_per_epoch", "batch_size", "n_train"
 def check_settings(quick: bool = False, *, protocols=None, low_data_fraction=None,
                    sweep=None, **over) -> dict:
     """The settings (:data:`FULL` or :data:`QUICK`) with the command line's overrides
-    (``over``: the integer settings and ``preset``; None keeps the default), checked.
-    ``low_data_fraction``: the low-data regime's share (default 0.25, quick 0; 0: none)."""
+    (``over``: the integer settings, ``test_start`` and ``preset``; None keeps the default),
+    checked. ``low_data_fraction``: the low-data regime's share (default 0.25, quick 0; 0:
+    none)."""
     S = copy.deepcopy(QUICK if quick else FULL)
     if protocols:
         S["protocols"] = [p.strip() for p in protocols.split(",") if p.strip()]
     for k, v in over.items():
-        if k not in _INT_SETTINGS + ("preset",):
+        if k not in _INT_SETTINGS + ("test_start", "preset"):
             raise TypeError(f"check_settings: unknown setting {k!r}")
         if v is not None:
             S[k] = v
@@ -148,6 +258,9 @@ def check_settings(quick: bool = False, *, protocols=None, low_data_fraction=Non
         if not isinstance(S[k], int) or isinstance(S[k], bool) or S[k] < 1:
             raise CompareError(f"--{k.replace('_', '-')}: expected a positive integer, "
                                f"got {S[k]!r}")
+    t = S.get("test_start", 0)
+    if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+        raise CompareError(f"--test-start: expected an integer >= 0, got {t!r}")
     if sweep:
         S["sweep"] = sweep
     f = low_data_fraction
@@ -198,16 +311,23 @@ def sweep_key(S: dict, regime: str, protocol: str, variant: dict) -> str:
 
 
 def jobs(S: dict, variants: list[dict], lr_grid: dict) -> list[dict]:
-    """Every run in order. First the sweeps (seed 0, every rate of the variant's grid),
-    then the final runs, seeds outermost (a complete one-seed table comes first): each
-    (regime, protocol, variant, seed) at its sweep's chosen rate (``lr=None`` until the
-    choice). A final run whose configuration is a sweep run's is that run (``reuses_sweep``),
-    not retrained."""
+    """Every run in order. First the template prior (phase ``"prior"``, one per (regime,
+    protocol), when it is among the variants), then the sweeps (seed 0, every rate of the
+    variant's grid), then the final runs, seeds outermost (a complete one-seed table comes
+    first): each (regime, protocol, variant, seed) at its sweep's chosen rate (``lr=None``
+    until the choice). A final run whose configuration is a sweep run's is that run
+    (``reuses_sweep``), not retrained."""
     out = []
     cells = [(r, p) for r in S["regimes"] for p in S["protocols"]]
     mode = S.get("sweep", "method")
     if mode not in ("method", "cell"):
         raise CompareError(f"sweep: expected 'method' or 'cell', got {mode!r}")
+    prior = [v for v in variants if is_prior(v)]
+    variants = [v for v in variants if not is_prior(v)]
+    for regime, protocol in cells:
+        for v in prior:
+            out.append({"regime": regime, "protocol": protocol, "variant": v, "lr": None,
+                        "seed": None, "phase": "prior", "key": None})
     for regime, protocol in (cells[:1] if mode == "method" else cells):
         for v in variants:
             for lr in lr_grid[v["method"]]:
@@ -231,13 +351,19 @@ def run_dir(out, protocol: str, regime: str, variant: dict, lr: float, seed: int
             f"seed{seed}")
 
 
+def prior_dir(out, protocol: str, regime: str) -> Path:
+    """``out/runs/REGIME/PROTOCOL/template-prior``: the template prior's result."""
+    return Path(out) / "runs" / regime / protocol / PRIOR["name"]
+
+
 def run_config(S: dict, dataset, pretrained, n_train: int, regime: str, variant: dict,
                lr: float, seed: int, device: str = "auto") -> dict:
     """The training configuration (``tsvd.peft.seg.train`` schema) of one run on ``dataset``
     (``n_train`` training subjects in all).
 
-    Everything but ``adapter.method``, ``adapter.rank``, ``train.lr`` (and ``train.seed``
-    across seeds) is the same for every variant of a (regime, protocol)."""
+    Everything but ``adapter.method``, ``adapter.rank``, ``adapter.train_decoder`` (False
+    for a ``:nodec`` variant), ``train.lr`` (and ``train.seed`` across seeds) is the same for
+    every variant of a (regime, protocol)."""
     from tsvd.models import preset_kwargs
     from tsvd.peft.seg import train as T
     from tsvd.peft.seg.embedded import HIPPOCAMPUS_ROI_MM
@@ -251,7 +377,7 @@ def run_config(S: dict, dataset, pretrained, n_train: int, regime: str, variant:
                  "max_train": n},
         "model": {"preset": S["preset"], "pretrained": str(pretrained)},
         "adapter": {"method": variant["method"], "rank": variant["rank"],
-                    "train_decoder": True},
+                    "train_decoder": bool(variant.get("train_decoder", True))},
         "train": {"epochs": int(S["epochs"]), "batch_size": int(S["batch_size"]),
                   "samples_per_epoch": int(S["samples_per_epoch"]), "lr": float(lr),
                   "seed": int(seed), "device": device, "val_every": 1, "average_last": 0},
@@ -269,6 +395,8 @@ def estimate_run(S: dict, n_train: int, job: dict, cal) -> float:
         return float("nan")
     n_tr = n_used(n_train, S["regimes"][job["regime"]])
     nv, nt = S["n_valid"], S["n_test"]
+    if job["phase"] == "prior":        # a guess, not calibrated: load a label, resample one
+        return nt * 2 * cal["case_s"]
     test = nt * (2 * cal["case_s"] + cal["fwd_s"])
     if job["phase"] == "final" and job.get("reuses_sweep"):
         return test
@@ -302,7 +430,7 @@ def calibrate(S: dict, variants: list[dict], dataset: Path, device="auto", steps
     def sync():
         if dev.type == "cuda":
             torch.cuda.synchronize()
-    for v in variants:
+    for v in [v for v in variants if not is_prior(v)]:
         torch.manual_seed(0)
         model = build_unetr(S["preset"])
         t0 = time.time()
@@ -310,6 +438,8 @@ def calibrate(S: dict, variants: list[dict], dataset: Path, device="auto", steps
             params = list(model.parameters())
         else:
             kw = {"rank": v["rank"]} if v["rank"] else {}
+            if not v.get("train_decoder", True):
+                kw["train_decoder"] = False
             params = adapt(model, v["method"], **kw).trainable_parameters()
         out["setup_s"][v["name"]] = time.time() - t0
         model.to(dev).train()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import plan as P
 from .common import CompareError, fmt_lr, fmt_time, read_json, write_json
-from .report import write_reports
+from .report import grid_edge, write_reports
 
 __all__ = ["ENTRY", "Comparison", "PeakMemory", "worker_main", "prepare_data", "pretrain",
            "read_curves", "trainable_counts", "cuda_available"]
@@ -157,7 +157,9 @@ def trainable_counts(run_json: Path, summ: dict) -> dict:
 # data and the pre-trained base
 # ------------------------------------------------------------------------------------------
 def prepare_data(S: dict, cache: Path, log=print) -> dict:
-    """Build (or reuse) the embedded target datasets; protocol -> folder."""
+    """Build (or reuse) the embedded target datasets; protocol -> folder. The test subjects
+    are numbers ``test_start`` .. ``test_start + n_test - 1`` of each protocol's test seed
+    range."""
     from tsvd.peft.seg import embedded as E
     bad = [p for p in S["protocols"] if p not in E.PROTOCOLS]
     if bad:
@@ -165,8 +167,9 @@ def prepare_data(S: dict, cache: Path, log=print) -> dict:
                            f"{', '.join(sorted(E.PROTOCOLS))})")
     workers = max(1, min(2, os.cpu_count() or 1))
     return {p: E.build_dataset(p, n_train=S["n_train"], n_valid=S["n_valid"],
-                               n_test=S["n_test"], spacing=S["spacing"],
-                               seed=S["dataset_seed"], cache_dir=cache, workers=workers, log=log)
+                               n_test=S["n_test"], test_start=int(S.get("test_start", 0)),
+                               spacing=S["spacing"], seed=S["dataset_seed"], cache_dir=cache,
+                               workers=workers, log=log)
             for p in S["protocols"]}
 
 
@@ -194,14 +197,16 @@ class Comparison:
     """Runs (resumably) and reports the comparison planned by :mod:`.plan`.
 
     ``datasets``: protocol -> dataset folder (EADC layout); ``pretrained``: base checkpoint.
-    ``train_fn`` / ``evaluate_fn`` default to :func:`tsvd.peft.seg.train.train` and
-    :func:`tsvd.peft.seg.infer.evaluate` (the tests replace them).
+    ``train_fn`` / ``evaluate_fn`` / ``prior_fn`` default to :func:`tsvd.peft.seg.train.train`,
+    :func:`tsvd.peft.seg.infer.evaluate` and :func:`tsvd.peft.seg.demo.template_prior_scores`
+    (the tests replace them); ``cache``: the cache folder handed to ``prior_fn``.
     """
 
     def __init__(self, out, settings: dict, variants: list[dict], lr_grid: dict, *,
                  datasets: dict, pretrained, device: str = "auto", train_fn=None,
-                 evaluate_fn=None, log=print, verbose: bool = False, plots: bool = True,
-                 workers: int = 1, threads_per_worker: int | None = None):
+                 evaluate_fn=None, prior_fn=None, cache=None, log=print,
+                 verbose: bool = False, plots: bool = True, workers: int = 1,
+                 threads_per_worker: int | None = None):
         self.out = Path(out)
         self.S = copy.deepcopy(settings)
         self.variants = variants
@@ -213,7 +218,9 @@ class Comparison:
             from tsvd.peft.seg.train import train as train_fn
         if evaluate_fn is None:
             from tsvd.peft.seg.infer import evaluate as evaluate_fn
-        self.train_fn, self.evaluate_fn = train_fn, evaluate_fn
+        self.train_fn, self.evaluate_fn, self.prior_fn = train_fn, evaluate_fn, prior_fn
+        self.cache = cache
+        self._prior_memo: dict = {}
         self.log = log
         self.verbose = verbose
         self.plots = plots
@@ -228,7 +235,7 @@ class Comparison:
         if missing:
             raise CompareError(f"no dataset folder for protocol(s) {missing}")
         for v in variants:
-            if not lr_grid.get(v["method"]):
+            if not P.is_prior(v) and not lr_grid.get(v["method"]):
                 raise CompareError(f"learning-rate grid of {v['method']} is empty")
         self.n_train = {p: self._count_train(self.datasets[p]) for p in self.S["protocols"]}
         self.records: dict = {}            # run folder -> result (one per run)
@@ -268,6 +275,8 @@ class Comparison:
         return P.estimate_run(self.S, self.n_train[job["protocol"]], job, cal)
 
     def _job_dir(self, job) -> Path:
+        if job["phase"] == "prior":
+            return P.prior_dir(self.out, job["protocol"], job["regime"])
         return self.run_dir(job["protocol"], job["regime"], job["variant"], job["lr"],
                             job["seed"])
 
@@ -275,6 +284,9 @@ class Comparison:
         """Whether ``job`` is finished in the output folder: its ``result.json`` exists (for
         a final run: with the test numbers). A final run's learning rate is the sweep's
         choice in ``lr_choice.json``; before that choice it is not done."""
+        if job["phase"] == "prior":
+            p = self._job_dir(job) / "result.json"
+            return p.is_file() and read_json(p).get("test_dice") is not None
         if job["phase"] == "final" and job["lr"] is None:
             p = self.out / "lr_choice.json"
             c = (read_json(p) if p.is_file() else {}).get(job["key"])
@@ -359,7 +371,9 @@ class Comparison:
     def _result(self, job, rec, wall) -> dict:
         v = job["variant"]
         return {"regime": job["regime"], "protocol": job["protocol"], "variant": v["name"],
-                "method": v["method"], "rank": v["rank"], "lr": job["lr"], "seed": job["seed"],
+                "method": v["method"], "rank": v["rank"],
+                "train_decoder": bool(v.get("train_decoder", True)), "lr": job["lr"],
+                "seed": job["seed"],
                 "sweep": False, "final": False, "chosen": None,
                 "train_subjects": rec["config"]["data"]["max_train"],
                 "epochs": self.S["epochs"], "steps": self.steps_per_run(),
@@ -374,24 +388,89 @@ class Comparison:
                 "wall_s": round(wall, 2),
                 "test_dice": None, "test_dice_std_cases": None, "test_hd95_mm": None,
                 "test_hd95_std_cases": None, "test_cases": None, "test_hd95_nan": None,
+                "test_empty": None,
                 "test_case_dice": None,
                 "run_dir": rec["run_dir"], "curves": rec.get("curves", [])}
 
     @staticmethod
     def _add_test(res, ev) -> None:
         """The test numbers of evaluation ``ev`` (``evaluate``'s dict): means over the
-        subjects and each subject's Dice (``test_case_dice``, for the paired tests)."""
+        subjects, the number of empty predictions (``test_empty``: ``n_empty`` of its HD95
+        summary, else counted from its per-subject rows, else None) and each subject's Dice
+        (``test_case_dice``, for the paired tests)."""
+        empty = ev["hd95_mm"].get("n_empty")
+        if empty is None and ev.get("cases") and all("empty_prediction" in c
+                                                     for c in ev["cases"]):
+            empty = sum(bool(c["empty_prediction"]) for c in ev["cases"])
         res.update({"test_dice": ev["dice"]["mean"], "test_dice_std_cases": ev["dice"]["std"],
                     "test_hd95_mm": ev["hd95_mm"]["mean"],
                     "test_hd95_std_cases": ev["hd95_mm"]["std"], "test_cases": ev["dice"]["n"],
-                    "test_hd95_nan": ev["hd95_mm"].get("n_nan", 0),
+                    "test_hd95_nan": ev["hd95_mm"].get("n_nan", 0), "test_empty": empty,
                     "test_case_dice": {c["case"]: c["dice"] for c in ev.get("cases", [])}
                     or None})
+
+    # -- the template prior ------------------------------------------------------------------
+    def _prior_scores(self, protocol: str) -> dict:
+        """The template prior on ``protocol``'s test subjects: ``prior_fn`` on each subject
+        alone (for the paired tests), its Dice, HD95 and empty flag per subject; once per
+        protocol and session."""
+        if protocol not in self._prior_memo:
+            from tsvd.peft.seg.data import load_cases
+            if self.prior_fn is None:       # imported only when the prior is among the variants
+                from tsvd.peft.seg.demo import template_prior_scores
+                self.prior_fn = template_prior_scores
+            _, splits, _ = load_cases(self.datasets[protocol], "eadc")
+            cases = [c for c in splits["test"] if c.get("label")]
+            if not cases:
+                raise CompareError(f"{self.datasets[protocol]}: no labelled test subjects for "
+                                   f"the template prior")
+            rows = []
+            for c in cases:
+                sc = self.prior_fn([c], protocol, self.cache)
+                rows.append({"case": c["name"], "dice": sc["dice"]["mean"],
+                             "hd95_mm": sc["hd95_mm"]["mean"],
+                             "empty_prediction": bool(sc["hd95_mm"].get("n_empty", 0))})
+            self._prior_memo[protocol] = rows
+        return self._prior_memo[protocol]
+
+    def _prior_result(self, job) -> dict:
+        """The template prior's result (a final run of no training, lr and seed None), with
+        the test numbers of :meth:`_add_test` (``summarize`` over the subjects)."""
+        from tsvd.peft.seg.metrics import summarize
+        t0 = time.time()
+        rows = self._prior_scores(job["protocol"])
+        empty = [r["empty_prediction"] for r in rows]
+        ev = {"dice": summarize([r["dice"] for r in rows], empty=empty),
+              "hd95_mm": summarize([r["hd95_mm"] for r in rows], empty=empty), "cases": rows}
+        v = job["variant"]
+        res = {"regime": job["regime"], "protocol": job["protocol"], "variant": v["name"],
+               "method": v["method"], "rank": None, "train_decoder": None, "lr": None,
+               "seed": None, "sweep": False, "final": True, "chosen": None,
+               "dataset": str(self.datasets[job["protocol"]]), "train_subjects": None,
+               "epochs": 0, "steps": 0, "trainable_parameters": 0, "adapter_parameters": 0,
+               "model_parameters": None, "artefact_bytes": None, "val_dice": None,
+               "time_per_step_s": None, "peak_mem_mb": None, "mem_start_mb": None,
+               "mem_kind": None, "train_wall_s": 0.0, "wall_s": 0.0,
+               "run_dir": str(self._job_dir(job)), "curves": []}
+        self._add_test(res, ev)
+        res["wall_s"] = round(time.time() - t0, 2)
+        return res
 
     def execute(self, job):
         """Train and/or test one run, or reuse what its folder holds; returns (result,
         fresh) where fresh says whether anything was computed now."""
         v = job["variant"]
+        if job["phase"] == "prior":
+            p = self._job_dir(job) / "result.json"
+            if str(p.parent) in self.records:
+                return self.records[str(p.parent)], False
+            if p.is_file():
+                res = read_json(p)
+                if res.get("dataset") != str(self.datasets[job["protocol"]]):
+                    raise CompareError(f"{p}: made on another dataset ({res.get('dataset')}); "
+                                       f"use another --out or delete {p.parent}")
+                return res, False
+            return self._prior_result(job), True
         rdir = self._job_dir(job)
         res_path = rdir / "result.json"
         fresh = False
@@ -431,6 +510,11 @@ class Comparison:
         self.lr_choice = {}
         self._done_idx: set = set()
         t_start = self._last_plot = time.time()
+        for i, j in enumerate(jobs):          # the template prior: here, no training
+            if j["phase"] == "prior":
+                t0 = time.time()
+                res, fresh = self.execute(j)
+                self._record(jobs, i, res, fresh, time.time() - t0)
         sweep = [i for i, j in enumerate(jobs) if j["phase"] == "sweep"]
         final = [i for i, j in enumerate(jobs) if j["phase"] == "final"]
         self._run_phase(jobs, sweep)
@@ -445,6 +529,9 @@ class Comparison:
         return self.runs
 
     def _tag(self, i, job) -> str:
+        if job["phase"] == "prior":
+            return (f"[{i + 1}/{self._total}] template prior {job['regime']} "
+                    f"{job['protocol']}")
         return (f"[{i + 1}/{self._total}] {job['phase']} {job['regime']} {job['protocol']} "
                 f"{job['variant']['name']} lr={fmt_lr(job['lr'])} seed={job['seed']}")
 
@@ -551,14 +638,17 @@ class Comparison:
             vd = r["val_dice"]
             return (vd if vd is not None and math.isfinite(vd) else -1.0, -r["lr"])
         best = max(cands, key=score)
+        rates = sorted(r["lr"] for r in cands)
+        edge = grid_edge(best["lr"], rates)
         self.lr_choice[key] = {"sweep": key, "lr": best["lr"], "val_dice": best["val_dice"],
-                               "val_dice_by_lr": vals}
+                               "val_dice_by_lr": vals, "grid": rates, "at_grid_edge": edge}
         for r in cands:
             r["chosen"] = r is best
             write_json(Path(r["run_dir"]) / "result.json", r)
         self.log(f"    learning rate chosen for {key}: {fmt_lr(best['lr'])} (validation Dice "
                  f"by rate: " + ", ".join(f"{k}: {v:.4f}" if v is not None else f"{k}: n/a"
-                                          for k, v in vals.items()) + ")")
+                                          for k, v in vals.items()) + ")"
+                 + (f"; {edge} of the grid: the optimum is not bracketed" if edge else ""))
 
     def _report_progress(self, tag, res, jobs, fresh):
         parts = [] if fresh else ["done before"]
