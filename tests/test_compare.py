@@ -566,16 +566,16 @@ def test_twenty_test_subjects_from_test_start(tmp_path, monkeypatch):
     p = CLI.build_parser()
     for argv in ([], ["--quick"]):
         S = CLI.settings_from_args(p.parse_args(argv))
-        assert (S["n_test"], S["test_start"]) == (20, 0)
-    S = CLI.settings_from_args(p.parse_args(["--test-start", "28"]))
-    assert S["test_start"] == 28
+        assert (S["n_test"], S["test_start"]) == (20, 28)   # past the demo's 8-27
+    S = CLI.settings_from_args(p.parse_args(["--test-start", "40"]))
+    assert S["test_start"] == 40
     with pytest.raises(CM.CompareError, match="--test-start"):
         CLI.settings_from_args(p.parse_args(["--test-start", "-1"]))
     # recorded in plan.json: a folder made with another test_start is not continued
     vs = PL.parse_variants("lorapt:8")
     rec = PL.plan_record(S, vs, PL.LR_GRID, None, "cpu")
     CM.write_json(tmp_path / "plan.json", rec)
-    assert json.loads((tmp_path / "plan.json").read_text())["settings"]["test_start"] == 28
+    assert json.loads((tmp_path / "plan.json").read_text())["settings"]["test_start"] == 40
     assert PL.check_plan_file(tmp_path, rec) is True
     with pytest.raises(CM.CompareError, match="other settings"):
         PL.check_plan_file(tmp_path, PL.plan_record(dict(S, test_start=0), vs, PL.LR_GRID,
@@ -589,15 +589,15 @@ def test_twenty_test_subjects_from_test_start(tmp_path, monkeypatch):
                            tmp_path, log=lambda *a: None)
     assert got == {p: tmp_path / p for p in ("neuromorphometrics", "harvard-oxford")}
     assert [(n, kw["n_test"], kw["test_start"]) for n, kw in calls] == [
-        ("neuromorphometrics", 20, 28), ("harvard-oxford", 20, 28)]
+        ("neuromorphometrics", 20, 40), ("harvard-oxford", 20, 40)]
 
 
-def test_runs_flip_along_all_three_axes(tmp_path):
+def test_runs_flip_left_right_only(tmp_path):
     for quick in (False, True):
         S = PL.check_settings(quick)
         cfg = PL.run_config(S, tmp_path / "d", tmp_path / "base.safetensors", 12, "full-data",
                             PL.parse_variants("lorapt:8")[0], 1e-3, 0, "cpu")
-        assert cfg["data"]["flip_axes"] == [0, 1, 2]
+        assert cfg["data"]["flip_axes"] == [0]
         assert cfg["infer"]["tta_flip"] == []          # test images are not flipped
 
 

@@ -300,22 +300,23 @@ def test_atlas_on_template_protocols(embedded_cache):
         E.atlas_on_template(embedded_cache, "other")
 
 
-def test_source_task_is_another_brain_and_not_the_hippocampus(embedded_cache):
-    """Pre-training uses the 2009a brain (another template), and its label (white matter plus
-    deep grey nuclei) leaves out the hippocampus and the amygdala of every protocol."""
+def test_source_task_is_another_brain_and_another_task(embedded_cache):
+    """Pre-training uses the 2009a brain (another template); its label is the deep grey nuclei,
+    which meet no protocol's hippocampus."""
     stpl, spacked, saff = E.atlas_on_template(embedded_cache, "source")
     tpl, packed, aff = E.atlas_on_template(embedded_cache)
     assert stpl.shape == (197, 233, 189) and stpl.shape != tpl.shape
     src = ((spacked >> E.BITS["source"]) & 1) > 0
-    assert 3e5 < src.sum() < 1e6                  # white matter is ~0.5 l of 1 mm voxels
+    assert 2e4 < src.sum() < 1e5                  # 8 nuclei of a few cm^3 each
     assert np.all(stpl[src] > 0)                  # inside the skull-stripped brain
     assert not (spacked & ~np.uint8(1 << E.BITS["source"])).any()
-    # every protocol's hippocampus, carried to the source grid, hardly meets the source label
     hip = np.zeros(tpl.shape, np.uint8)
     for name in E.PROTOCOLS:
         hip |= ((packed >> E.BITS[name]) & 1)
     on_src = E._resample_nearest(hip, aff, saff, stpl.shape) > 0
-    assert (on_src & src).sum() < 0.15 * on_src.sum()
+    # the union of the four protocols' hippocampi touches the thalamus and the caudate's tail
+    # at its edge only (4 % of it)
+    assert (on_src & src).sum() < 0.06 * on_src.sum()
     # the skull is stripped: the brain is a single blob much smaller than the head
     assert (stpl > 0).mean() < 0.25
 

@@ -115,3 +115,42 @@ def test_training_with_loader_workers_is_bit_identical(tmp_path):
         got.append(load_file(str(tmp_path / f"w{w}" / "model_last.safetensors")))
     assert got[0].keys() == got[1].keys()
     assert all(torch.equal(got[0][k], got[1][k]) for k in got[0])
+
+
+def test_training_crops_move_inside_the_enlarged_region(tmp_path):
+    """With a region of interest, training crops come from the region enlarged by
+    ``crop_margin`` voxels, so that they start at different places (issue 12: with box ==
+    patch every crop was the whole box); validation sees the region itself. resolve_roi makes
+    ``mni-hippocampus`` a one-patch box on both hippocampi."""
+    from monai.transforms import Compose
+
+    from tsvd.peft.seg.config import RunConfig
+    from tsvd.peft.seg.data import eval_transforms
+    from tsvd.peft.seg.demo import resolve_roi
+    from tsvd.peft.seg.embedded import HIPPOCAMPUS_ROI_MM
+    cfg = RunConfig.from_dict({"data": {"roi": "mni-hippocampus"}, "model": {"preset": "tiny"}})
+    out = resolve_roi(cfg)
+    assert out.data.roi == {"centre_mm": list(HIPPOCAMPUS_ROI_MM[0]), "size": [32] * 3}
+    assert cfg.data.roi == "mni-hippocampus" and out.data.crop_margin == 16
+    root = make_dataset(tmp_path / "d", "eadc", n_train=1, n_valid=1, n_test=0)
+    _, splits, allowed = load_cases(root)
+    case = splits["train"][0]
+    import nibabel as nib
+    aff = nib.load(case["image"]).affine
+    centre = (aff @ np.r_[np.array(nib.load(case["image"]).shape) / 2.0, 1.0])[:3].tolist()
+    for margin, want_moves in ((6, True), (0, False)):
+        dcfg = {"spacing": None, "roi": {"centre_mm": centre, "size": [8, 8, 8]},
+                "patch": [8, 8, 8], "flip_axes": [], "crop_margin": margin, "foreground": None}
+        det, rnd = train_transforms(dcfg, allowed)
+        box = Compose(det)(dict(case))
+        assert tuple(box["image"].shape[1:]) == (8 + margin,) * 3
+        assert tuple(Compose(eval_transforms(dcfg, allowed))(dict(case))["image"].shape[1:]) \
+            == (8, 8, 8)
+        crop = Compose(rnd[:1])
+        starts = set()
+        for s in range(20):
+            crop.set_random_state(seed=s)
+            img = crop({"image": box["image"], "label": box["label"]})["image"]
+            assert tuple(img.shape[1:]) == (8, 8, 8)
+            starts.add(tuple(img.as_tensor().reshape(-1)[:4].tolist()))
+        assert (len(starts) > 5) == want_moves, (margin, len(starts))

@@ -43,18 +43,18 @@ Protocol, identical for every variant (only the method, its rank, whether the de
 and the learning rate differ; ``tests/test_compare.py`` checks this on the configurations
 handed to ``train()``):
 
-1. Data: the embedded datasets of ``tsvd.peft.seg.embedded`` (MNI152 template warped into
-   synthetic subjects, hippocampus labelled by each atlas protocol), built once with dataset
-   seed 0 and cached; train / validation / test subjects are disjoint and the same for every
-   run. 20 test subjects per protocol (``--n-test``): numbers ``--test-start`` (default 0)
-   to ``--test-start`` + 19 of the protocol's test seed range, recorded in ``plan.json``.
-   (The demo's settings were chosen looking at neuromorphometrics test subjects 0-5, and the
-   demo tests on 8-27, commit 047dff5; ``--test-start 28`` gives subjects neither touched.)
+1. Data: the embedded datasets of ``tsvd.peft.seg.embedded`` (version 2: the ICBM152 2009c
+   brain warped into synthetic subjects with atrophy and per-tissue contrast, hippocampus
+   labelled by each atlas protocol), built once with dataset seed 0 and cached; train /
+   validation / test subjects are disjoint and the same for every run. 20 test subjects per
+   protocol (``--n-test``): numbers ``--test-start`` (default 28) to ``--test-start`` + 19 of
+   the protocol's test seed range, recorded in ``plan.json``: past the demo's test subjects
+   (8-27) and those earlier selections saw (0-7).
    Low-data regime: the first ``round(--low-data-fraction × n_train)`` training subjects
    (``data.max_train`` of the training config), same validation and test subjects.
-2. Pre-trained weights: one UNETR pre-trained on the embedded source task (subcortical
-   structures other than the hippocampus) through ``tsvd.peft.seg.train.train(task="pretrain")``
-   with the settings of ``lorapt demo`` (cached in the cache folder, shared with the demo
+2. Pre-trained weights: one UNETR pre-trained on the embedded source task (another brain,
+   the ICBM152 2009a: grey matter plus the deep grey nuclei) through
+   ``tsvd.peft.seg.train.train(task="pretrain")`` with the settings of ``lorapt demo`` (cached in the cache folder, shared with the demo
    when the settings agree), or ``--pretrained CKPT``.
 3. Fine-tuning: ``tsvd.peft.seg.train.train(task="finetune")`` with the same epochs, samples per
    epoch, batch size, poly learning-rate schedule, loss, augmentation and seed for every

@@ -82,7 +82,12 @@ class DataConfig:
                           "data) or X,Y,Z,SIZE (world mm centre, size in voxels)", commands=_ALL)
     patch: int | None = opt(None, "training crop / sliding-window size in voxels (default: the "
                             "preset's input size)", lo=16, hi=512, commands=_ALL)
-    flip_axes: list[int] = opt([0, 1, 2], "random flip axes during training, e.g. 0,1,2 or none",
+    crop_margin: int = opt(16, "with a region of interest: training crops come from it enlarged "
+                           "by this many voxels per axis, so that they move by up to half of it "
+                           "(validation and inference use the region itself)", lo=0, hi=256)
+    flip_axes: list[int] = opt([0], "random flip axes during training (after RAS "
+                               "reorientation: 0 = left-right, which keeps the anatomy "
+                               "possible), e.g. 0 or 0,1,2 or none",
                                items={"choices": (0, 1, 2)})
     pos_fraction: float = opt(0.67, "fraction of training crops centred on the foreground "
                               "(without an ROI)", lo=0.0, hi=1.0)

@@ -346,7 +346,7 @@ def _transform_classes():
     return CheckCased, Binarized, CropWorldBoxd, AddPaths
 
 
-def _deterministic(cfg, allowed, require_foreground, with_label=True):
+def _deterministic(cfg, allowed, require_foreground, with_label=True, margin: int = 0):
     from monai.transforms import (EnsureChannelFirstd, LoadImaged, NormalizeIntensityd,
                                   Orientationd, Spacingd, SpatialPadd, EnsureTyped)
     CheckCased, Binarized, CropWorldBoxd, AddPaths = _transform_classes()
@@ -364,7 +364,7 @@ def _deterministic(cfg, allowed, require_foreground, with_label=True):
     t.append(NormalizeIntensityd(keys=["image"], nonzero=True, channel_wise=True))
     roi = cfg.get("roi")
     if roi:
-        t.append(CropWorldBoxd(keys, roi["centre_mm"], roi["size"]))
+        t.append(CropWorldBoxd(keys, roi["centre_mm"], [int(z) + margin for z in roi["size"]]))
     t.append(SpatialPadd(keys=keys, spatial_size=cfg["patch"], allow_missing_keys=True))
     t.append(EnsureTyped(keys=keys, dtype=np.float32, allow_missing_keys=True, track_meta=True))
     return t
@@ -375,13 +375,16 @@ def train_transforms(cfg, allowed):
 
     Deterministic (cached once per case): load, channel first, data checks, RAS orientation,
     ``spacing`` mm resampling, binarised label, z-score on nonzero (brain) voxels, optional
-    world-coordinate region of interest, pad to the patch size. Random: a ``patch`` crop
-    (foreground-centred with probability ``pos_fraction``), flips along ``flip_axes``,
-    intensity shift ±0.1 (std units), scale ±0.1.
+    world-coordinate region of interest enlarged by ``crop_margin`` voxels per axis, pad to the
+    patch size. Random: a ``patch`` crop (inside the enlarged region, which it can leave by up
+    to ``crop_margin/2`` voxels on a side; without a region, foreground-centred with
+    probability ``pos_fraction``), flips along ``flip_axes``, intensity shift ±0.1 (std
+    units), scale ±0.1.
     """
     from monai.transforms import (RandCropByPosNegLabeld, RandFlipd, RandScaleIntensityd,
                                   RandShiftIntensityd, RandSpatialCropd)
-    det = _deterministic(cfg, allowed, require_foreground=True)
+    margin = int(cfg.get("crop_margin") or 0) if cfg.get("roi") else 0
+    det = _deterministic(cfg, allowed, require_foreground=True, margin=margin)
     rnd = []
     if cfg.get("roi"):
         rnd.append(RandSpatialCropd(keys=["image", "label"], roi_size=cfg["patch"],
@@ -391,7 +394,7 @@ def train_transforms(cfg, allowed):
         rnd.append(RandCropByPosNegLabeld(keys=["image", "label"], label_key="label",
                                           spatial_size=cfg["patch"], pos=pf, neg=1 - pf,
                                           num_samples=1, image_key="image", image_threshold=0))
-    for ax in cfg.get("flip_axes", [0, 1, 2]):
+    for ax in cfg.get("flip_axes", [0]):
         rnd.append(RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=int(ax)))
     rnd.append(RandShiftIntensityd(keys=["image"], offsets=0.1, prob=0.5))
     rnd.append(RandScaleIntensityd(keys=["image"], factors=0.1, prob=0.5))
