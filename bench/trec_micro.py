@@ -339,6 +339,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    import tsvd
     from tsvd import _ext
     from tsvd.models import atomic_write
 
@@ -374,6 +375,7 @@ def main(argv=None) -> int:
             "torch": torch.__version__, "torch_cuda": torch.version.cuda,
             "python": platform.python_version(), "cpu": platform.machine(),
             "threads": torch.get_num_threads(),
+            "tsvd": os.path.dirname(tsvd.__file__),
             "build": {k: info.get(k) for k in ("with_cuda", "cpu_isa", "limited_api")},
             "op": "torch.ops.tsvd.treconstruct (raw op; backward through autograd)",
             "batch": 1, "rank": a.rank, "dtype": a.dtype, "shapes": [list(s) for s in a.shape_list],
