@@ -86,15 +86,34 @@ plan() {
     return 1
   fi
 }
-# run NAME LIMIT CMD...: runs CMD with a timeout, output to the log; returns its status.
+# step LIMIT FILE CMD...: runs CMD under timeout, stdout+stderr appended to FILE (tee'd to the
+# terminal when FILE is the log), and returns its status. The step runs in the background and
+# is waited for, so that SIGTERM/SIGINT reach the trap at once (bash defers a trap until a
+# foreground command ends, and timeout runs CMD in a process group of its own).
+STEP_PID=""
+step() {
+  local limit=$1 file=$2; shift 2
+  if [ "$file" = "$LOG" ]; then
+    timeout --kill-after=5 "$limit" "$@" <&0 > >(tee -a "$LOG") 2>&1 &
+  else
+    timeout --kill-after=5 "$limit" "$@" <&0 >> "$file" 2>&1 &
+  fi
+  STEP_PID=$!
+  wait "$STEP_PID"
+  local rc=$?
+  STEP_PID=""
+  return $rc
+}
+# run NAME LIMIT CMD...: runs CMD as a step, output to the log; returns its status.
 run() {
   local name=$1 limit=$2; shift 2
   say "== [$name] $(date -u +%H:%M:%S) (+$(elapsed) s, limit ${limit} s): $*"
   if [ $DRY = 1 ]; then say "   ($WORST_NOTE)"; return 0; fi
-  local s
+  local s rc
   s=$(date +%s)
-  timeout --kill-after=5 "$limit" "$@" 2>&1 | tee -a "$LOG"
-  local rc=${PIPESTATUS[0]}
+  step "$limit" "$LOG" "$@"
+  rc=$?
+  sleep 0.2  # let tee print the step's last lines first
   say "== [$name] exit $rc after $(( $(date +%s) - s )) s$( [ "$rc" = 124 ] || [ "$rc" = 137 ] && echo " (timed out)")"
   return "$rc"
 }
@@ -195,7 +214,13 @@ print(f"OUT holds {len(files)} files: {' '.join(files)}"
       + ("  WARNING: over the 8 files that come back" if len(files) > 8 else ""))
 EOF
 }
-trap 'say "gpu_check: interrupted after $(elapsed) s"; summary; exit 130' INT TERM
+on_signal() {
+  if [ -n "$STEP_PID" ]; then kill -TERM "$STEP_PID" 2>/dev/null; wait "$STEP_PID" 2>/dev/null; fi
+  say "gpu_check: interrupted after $(elapsed) s"
+  summary
+  exit 130
+}
+trap on_signal INT TERM
 
 say "gpu_check: OUT=$OUT dry_run=$DRY deadline=${DEADLINE} s margin=${MARGIN} s" \
     "mode=$([ $FULL = 1 ] && echo full || echo quick)$([ $WITH_PEFT = 1 ] && echo ' +peft')"
@@ -248,8 +273,8 @@ if plan build 240 60; then
     say "== [build] $(date -u +%H:%M:%S) (+$(elapsed) s, limit ${LIMIT} s): MAX_JOBS=$MAX_JOBS" \
         "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST FORCE_CUDA=1 pip install -v --no-build-isolation --no-deps -e ."
     bs=$(date +%s)
-    timeout --kill-after=5 "$LIMIT" "$PY" -m pip install -v --no-build-isolation --no-deps -e . \
-        > "$OUT/build.log" 2>&1
+    : > "$OUT/build.log"
+    step "$LIMIT" "$OUT/build.log" "$PY" -m pip install -v --no-build-isolation --no-deps -e .
     brc=$?
     say "== [build] exit $brc after $(( $(date +%s) - bs )) s (full log: build.log)"
     grep -E "error|ptxas info|registers|spill" "$OUT/build.log" | head -80 | tee -a "$LOG"
