@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -235,6 +236,32 @@ def test_gpu_check_short_deadline_skips_steps_and_still_summarizes(tmp_path):
     assert "removed stale temporary" in out and not (tmp_path / "kernels_cuda.json.tmp").exists()
     assert re.search(r"gpu_check: status 1, total \d+ s \(deadline 30 s\); skipped: .*trec_micro",
                      out)
+
+
+def test_gpu_check_real_run_clamps_each_step_to_the_deadline(tmp_path):
+    """Not a dry run: a stand-in for python whose steps hang (the summary and env.json run for
+    real). The step that starts is killed at the time left before the deadline (less the
+    margin), the rest are skipped, and the script ends inside the deadline with its summary."""
+    stub = tmp_path / "py"
+    stub.write_text(f"""#!/usr/bin/env bash
+case "$1 ${{2:-}}" in
+  "- "*env.json) echo '{{"gpu": "stub"}}' > "$2" ;;
+  "- "*) exec {sys.executable} "$@" ;;
+  *) sleep 60 ;;
+esac
+""")
+    stub.chmod(0o755)
+    out = tmp_path / "out"
+    t = time.monotonic()
+    r = _check(out, GPU_CHECK_DEADLINE="14", GPU_CHECK_MARGIN="3", PYTHON=str(stub))
+    took = time.monotonic() - t
+    steps = {name: int(limit) for name, limit, _ in STEP.findall(r.stdout)}
+    assert "sanity" in steps and 9 <= steps["sanity"] <= 11, r.stdout
+    assert re.search(r"== \[sanity\] exit 124 after \d+ s \(timed out\)", r.stdout), r.stdout
+    skipped = re.findall(r"^== \[(\w+)\] skipped", r.stdout, re.M)
+    assert {"build", "tests", "trec_micro", "host_overhead", "kernels"} <= set(skipped)
+    assert "env.json: gpu=stub" in r.stdout and r.returncode == 1
+    assert took < 14, took
 
 
 def test_gpu_check_bad_usage_exits_2(tmp_path):
