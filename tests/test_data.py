@@ -457,6 +457,30 @@ def test_demo_table_shows_the_template_prior_row(embedded_cache):
     assert f"{tp['dice']['mean']:.3f} ± {tp['dice']['std']:.3f}" in lines[-1]
 
 
+def test_paired_comparison_with_the_baseline():
+    """paired() matches subjects by name and gives, per metric, the median difference, the
+    count of subjects where the model is better and scipy's Wilcoxon p (the oracle)."""
+    from scipy.stats import wilcoxon
+
+    from tsvd.peft.seg.demo import paired, paired_line
+    model = [{"case": f"s{i}", "dice": 0.5 + 0.03 * i, "hd95_mm": 5.0 - 0.2 * i} for i in range(8)]
+    base = [{"case": f"s{i}", "dice": 0.4 + 0.05 * (i % 3), "hd95_mm": 4.0 + 0.3 * i}
+            for i in range(7, -1, -1)] + [{"case": "other", "dice": 0.0, "hd95_mm": 1.0}]
+    r = paired(model, base)
+    bd = {b["case"]: b for b in base}
+    dd = [m["dice"] - bd[m["case"]]["dice"] for m in model]
+    dh = [m["hd95_mm"] - bd[m["case"]]["hd95_mm"] for m in model]
+    assert r["dice"]["n"] == 8 and r["dice"]["median_diff"] == pytest.approx(np.median(dd))
+    assert r["dice"]["n_better"] == sum(x > 0 for x in dd)
+    assert r["dice"]["p"] == pytest.approx(wilcoxon(dd).pvalue)
+    assert r["hd95_mm"]["n_better"] == sum(x < 0 for x in dh)
+    assert r["hd95_mm"]["p"] == pytest.approx(wilcoxon(dh).pvalue)
+    line = paired_line(r, "template prior")
+    assert f"higher on {r['dice']['n_better']}" in line and "8 subjects" in line
+    same = paired(model, model)
+    assert same["dice"]["p"] is None and same["dice"]["n_better"] == 0
+
+
 def test_test_start_moves_the_test_subjects_only():
     a = E._split_seeds("aal", 3, 2, 4, 0)
     b = E._split_seeds("aal", 3, 2, 4, 0, test_start=4)

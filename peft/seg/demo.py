@@ -21,7 +21,7 @@ from pathlib import Path
 from .config import ConfigError, RunConfig
 
 __all__ = ["DEMO", "resolve_roi", "stage_config", "cached_pretrain", "demo",
-           "METHOD_NAMES", "template_prior_scores", "table"]
+           "METHOD_NAMES", "template_prior_scores", "paired", "paired_line", "table"]
 
 log = logging.getLogger("tsvd.peft.seg")
 
@@ -214,9 +214,11 @@ def demo(out=None, cache=None, dataset=None, method=None, pretrain_epochs=None,
            "wall_time_s": round(total, 1),
            "stage_times_s": {k: round(v, 1) for k, v in times.items()},
            "dataset": S["dataset"], "test_cases": d["n"], "pretrained": str(base),
-           "out": str(out), "settings": S, "template_prior": prior}
+           "out": str(out), "settings": S, "template_prior": prior,
+           "paired_vs_template_prior": paired(ev["cases"], prior["cases"])}
     write_json(out / "demo.json", res)
     print(table(res))
+    print(paired_line(res["paired_vs_template_prior"], "template prior"))
     print("stages: " + ", ".join(f"{k} {_fmt_time(v)}" for k, v in times.items()))
     print(f"outputs in {out}: finetune/ (adapter + curves), evaluate/metrics.csv, "
           f"predictions/, overlays/")
@@ -233,7 +235,7 @@ def template_prior_scores(cases, protocol: str, cache) -> dict:
 
     from .embedded import template_prior
     from .metrics import dice_hd95, summarize, voxel_spacing
-    ds, hs, empty = [], [], []
+    ds, hs, empty, rows = [], [], [], []
     for c in cases:
         lab = nib.load(c["label"])
         ref = np.asarray(lab.dataobj) > 0
@@ -242,7 +244,43 @@ def template_prior_scores(cases, protocol: str, cache) -> dict:
         ds.append(d)
         hs.append(h)
         empty.append(not pred.any())
-    return {"dice": summarize(ds), "hd95_mm": summarize(hs, empty), "n": len(ds)}
+        rows.append({"case": c.get("name") or Path(c["label"]).name, "dice": d, "hd95_mm": h})
+    return {"dice": summarize(ds), "hd95_mm": summarize(hs, empty), "n": len(ds),
+            "cases": rows}
+
+
+def paired(model_cases, baseline_cases) -> dict:
+    """Per-subject comparison of a model with a baseline (rows ``{"case", "dice",
+    "hd95_mm"}``, matched by case): for Dice and HD95, the number of subjects, the median of
+    model − baseline, how many subjects the model is better on (higher Dice, lower HD95) and
+    the two-sided Wilcoxon signed-rank p-value (:func:`scipy.stats.wilcoxon`; None with fewer
+    than 2 subjects or all differences 0)."""
+    import numpy as np
+    from scipy.stats import wilcoxon
+    base = {r["case"]: r for r in baseline_cases}
+    both = [(r, base[r["case"]]) for r in model_cases if r["case"] in base]
+    out = {}
+    for key, sign in (("dice", 1.0), ("hd95_mm", -1.0)):
+        diff = np.array([float(m[key]) - float(b[key]) for m, b in both])
+        ok = diff[np.isfinite(diff)]
+        p = None
+        if ok.size >= 2 and np.any(ok != 0):
+            p = float(wilcoxon(ok).pvalue)
+        out[key] = {"n": int(ok.size), "median_diff": float(np.median(ok)) if ok.size else None,
+                    "n_better": int(np.sum(sign * ok > 0)), "p": p}
+    return out
+
+
+def paired_line(pr: dict, baseline: str) -> str:
+    """One printed line of :func:`paired`'s result."""
+    d, h = pr["dice"], pr["hd95_mm"]
+
+    def fp(p):
+        return "n/a" if p is None else f"{p:.2g}"
+    return (f"paired with the {baseline} (Wilcoxon signed-rank, {d['n']} subjects): Dice "
+            f"median {d['median_diff']:+.3f}, higher on {d['n_better']}, p = {fp(d['p'])}; "
+            f"HD95 median {h['median_diff']:+.2f} mm, lower on {h['n_better']}, "
+            f"p = {fp(h['p'])}")
 
 
 def table(res: dict) -> str:
