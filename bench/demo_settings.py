@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -75,15 +75,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     S = copy.deepcopy(Dm.DEMO)
     cache = Path(a.cache) if a.cache else E.default_cache_dir()
-    workers = max(1, min(2, os.cpu_count() or 1))
     # the same datasets as the demo (test subjects included in the folder, never loaded here)
-    src = E.build_dataset("source", n_train=S["source_train"], n_valid=S["source_valid"],
-                          n_test=0, spacing=S["spacing"], seed=0, cache_dir=cache,
-                          workers=workers, log=log.info)
-    tgt = E.build_dataset(S["dataset"], n_train=S["n_train"], n_valid=S["n_valid"],
-                          n_test=S["n_test"], test_start=S.get("test_start", 0),
-                          spacing=S["spacing"], seed=0, cache_dir=cache, workers=workers,
-                          log=log.info)
+    src, tgt = Dm.build_data(S, cache, seed=0, log_fn=log.info)
     base = Dm.cached_pretrain(S, src, cache, seed=0)
     sel_path = out / "selection.json"
     sel = json.loads(sel_path.read_text()) if sel_path.is_file() else {}
@@ -103,7 +96,6 @@ def main(argv=None) -> int:
         cfg.adapter.adapter_lr = adapter_lr
         t = time.time()
         r = T.train(cfg.validate(), d, task="finetune", overwrite=True, progress=False)
-        import csv
         with open(d / "curves.csv") as f:
             hist = [row for row in csv.DictReader(f)]
         rec = {"lr": lr, "adapter_lr": adapter_lr, "best_val_dice": r["best_val_dice"],

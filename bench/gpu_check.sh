@@ -119,9 +119,9 @@ run() {
 }
 
 summary() {
-  # temporaries of writers killed mid-write (kernels.py: NAME.tmp; host_overhead.py:
-  # NAME.tmp-PID; tsvd.models.atomic_write: .NAME.XXXX.tsvdtmp...) would count as files
-  find "$OUT" -maxdepth 1 -type f \( -name '*.tmp' -o -name '*.tmp-*' -o -name '.*.tsvdtmp*' \) \
+  # temporaries of writers killed mid-write (kernels.py: NAME.tmp; tsvd.models.atomic_write,
+  # used by trec_micro.py and host_overhead.py: .NAME.XXXX.tsvdtmp...) would count as files
+  find "$OUT" -maxdepth 1 -type f \( -name '*.tmp' -o -name '.*.tsvdtmp*' \) \
       -print -delete 2>/dev/null | sed 's/^/removed stale temporary: /' | tee -a "$LOG"
   timeout 20 "$PY" - "$OUT" <<'EOF' 2>&1 | tee -a "$LOG"
 import json, os, sys

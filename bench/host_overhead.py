@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -108,10 +107,12 @@ def main(argv=None) -> int:
                 "build": {k: v for k, v in _ext.build_info().items()
                           if k in ("cpu_isa", "with_cuda", "limited_api")},
                 "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": rows}
-        tmp = f"{a.out}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(info, f, indent=1)
-        os.replace(tmp, a.out)                # atomic: an existing file is never half-written
+        from tsvd.models import atomic_write
+
+        def dump(tmp):
+            with open(tmp, "w") as f:
+                json.dump(info, f, indent=1)
+        atomic_write(a.out, dump)             # an existing file is never half-written
     return 0
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .config import ConfigError, RunConfig
 
-__all__ = ["DEMO", "resolve_roi", "stage_config", "cached_pretrain", "demo",
+__all__ = ["DEMO", "resolve_roi", "stage_config", "build_data", "cached_pretrain", "demo",
            "METHOD_NAMES", "template_prior_scores", "paired", "paired_line", "table"]
 
 log = logging.getLogger("tsvd.peft.seg")
@@ -91,6 +91,22 @@ def stage_config(S: dict, path, stage: str, *, method: str = "lorapt", seed: int
         "train": dict(S[stage], seed=seed, device=device or "auto"),
         "infer": dict(S.get("infer") or {})}, where="demo settings")
     return resolve_roi(cfg)
+
+
+def build_data(S: dict, cache, *, seed: int = 0, log_fn=None) -> tuple[Path, Path]:
+    """Build (or reuse) the source and target datasets of demo settings ``S`` (:data:`DEMO`'s
+    layout) in ``cache``; returns their folders (source, target)."""
+    from . import embedded as E
+    workers = max(1, min(2, os.cpu_count() or 1))
+    log_fn = log_fn or log.info
+    src = E.build_dataset("source", n_train=S["source_train"], n_valid=S["source_valid"],
+                          n_test=0, spacing=S["spacing"], seed=seed, cache_dir=cache,
+                          workers=workers, log=log_fn)
+    tgt = E.build_dataset(S["dataset"], n_train=S["n_train"], n_valid=S["n_valid"],
+                          n_test=S["n_test"], test_start=S.get("test_start", 0),
+                          spacing=S["spacing"], seed=seed, cache_dir=cache,
+                          workers=workers, log=log_fn)
+    return src, tgt
 
 
 def cached_pretrain(S: dict, src, cache, *, seed: int = 0, device=None,
@@ -173,14 +189,7 @@ def demo(out=None, cache=None, dataset=None, method=None, pretrain_epochs=None,
     times = {}
     # 1. data
     t = time.time()
-    workers = max(1, min(2, os.cpu_count() or 1))
-    src = E.build_dataset("source", n_train=S["source_train"], n_valid=S["source_valid"],
-                          n_test=0, spacing=S["spacing"], seed=seed, cache_dir=cache,
-                          workers=workers, log=log.info)
-    tgt = E.build_dataset(S["dataset"], n_train=S["n_train"], n_valid=S["n_valid"],
-                          n_test=S["n_test"], test_start=S.get("test_start", 0),
-                          spacing=S["spacing"], seed=seed, cache_dir=cache,
-                          workers=workers, log=log.info)
+    src, tgt = build_data(S, cache, seed=seed)
     times["data"] = time.time() - t
     # 2. pre-training (cached by its settings)
     t = time.time()
