@@ -30,7 +30,8 @@ What is built (all NIfTI, cached on disk, written atomically):
    version 1's source task included) is in it. Two tissue-class tasks were tried first and
    dropped: pre-trained on white matter, or on grey matter plus these nuclei, LoRA-PT and
    decoder-only fine-tuning predicted no hippocampus within the demo's budget (validation
-   Dice 0 after 5-7 epochs; from a model pre-trained on small structures, 0.24 after 3).
+   Dice 0 after 5-7 epochs; from a model pre-trained on small structures, 0.24 after 3;
+   bench/results/demo_probes_cpu_2core_2026-12-04/).
 
 Version 1 (one MNI152 brain for both stages, small smooth warps, a subcortical source task
 that included the amygdala) was too easy: the template's own label scored Dice 0.43-0.48
