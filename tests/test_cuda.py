@@ -384,6 +384,204 @@ def test_harness_backward_is_adjoint_of_forward(harness):
 
 
 # --------------------------------------------------------------------------------------
+# host harness of csrc/cuda/fixed_dft.h (the v2 kernels of csrc/cuda/kernels_v2.cu)
+# --------------------------------------------------------------------------------------
+V2_NS = [1, 2, 3, 4, 5, 6, 7, 8, 12, 13, 16, 31, 48, 63, 64]
+V2_KERNEL_NS = [12, 48]   # the lengths kernels_v2.cu instantiates
+HARNESS_V2 = r"""
+#include "cuda/fixed_dft.h"
+#include <vector>
+using namespace tsvd::cuda_fixed;
+
+template <typename T> struct C2 { T x, y; };
+
+extern "C" int twiddle(long long num, long long den, double* c, double* s) {
+  *c = cospi(num, den); *s = sinpi(num, den); return 0;
+}
+
+// rfft of each of E tubes x[e][t] -> yh[e][f][2]; irfft of yh2[e][f][2] -> out[e][t];
+// cnt[e][t] = how often irdft_fixed emitted t
+template <int N, typename T>
+static int dfts(int64_t E, const T* x, T* yh, const T* yh2, T* out, int* cnt) {
+  constexpr int F = N / 2 + 1;
+  for (int64_t e = 0; e < E; ++e) {
+    T v[N];
+    for (int t = 0; t < N; ++t) v[t] = x[e * N + t];
+    T yr[F], yi[F];
+    rdft_fixed<N, T>(v, yr, yi);
+    for (int f = 0; f < F; ++f) { yh[(e * F + f) * 2] = yr[f]; yh[(e * F + f) * 2 + 1] = yi[f]; }
+    for (int f = 0; f < F; ++f) { yr[f] = yh2[(e * F + f) * 2]; yi[f] = yh2[(e * F + f) * 2 + 1]; }
+    irdft_fixed<N, T>(yr, yi, [&](auto tt, T val) {
+      constexpr int t = decltype(tt)::value;
+      out[e * N + t] = val; cnt[e * N + t] += 1;
+    });
+  }
+  return 0;
+}
+
+// trec_prep_v2 + trec_fwd_v2 of kernels_v2.cu, thread by thread: the prep's two thread
+// ranges, then the main kernel's blocks (strip of 32 columns staged like the shared memory,
+// zero past n2; rows of a block in passes of 8; `rows` rows per block).
+template <int N, typename T>
+static int fwd2(int64_t B, int64_t n1, int64_t n2, int64_t r, const T* U, const T* S, const T* V,
+                const T* res, T* out, int rows) {
+  constexpr int F = N / 2 + 1, STRIP = 32, PASS = 8;
+  std::vector<C2<T>> a2(size_t(B * n1 * r * F)), b2(size_t(B * r * F * n2));
+  const int64_t nU = B * n1 * r, nV = B * n2 * r;
+  for (int64_t idx = 0; idx < nU + nV; ++idx) {
+    T x[N];
+    if (idx < nU) {
+      const int64_t k = idx % r, bi = idx / r, i = bi % n1, b = bi / n1;
+      const T* u = U + (b * N * n1 + i) * r + k;
+      for (int t = 0; t < N; ++t) x[t] = u[t * n1 * r];
+      T ur[F], ui[F]; rdft_fixed<N, T>(x, ur, ui);
+      const T* s = S + b * N * r + k;
+      for (int t = 0; t < N; ++t) x[t] = s[t * r];
+      T sr[F], si[F]; rdft_fixed<N, T>(x, sr, si);
+      C2<T>* o = &a2[((b * n1 + i) * r + k) * F];
+      for (int f = 0; f < F; ++f) o[f] = {ur[f] * sr[f] - ui[f] * si[f], ur[f] * si[f] + ui[f] * sr[f]};
+    } else {
+      const int64_t q = idx - nU, j = q % n2, rest = q / n2, k = rest % r, b = rest / r;
+      const T* v = V + (b * N * n2 + j) * r + k;
+      for (int t = 0; t < N; ++t) x[t] = v[t * n2 * r];
+      T vr[F], vi[F]; rdft_fixed<N, T>(x, vr, vi);
+      for (int f = 0; f < F; ++f) b2[((b * r + k) * F + f) * n2 + j] = {vr[f], vi[f]};
+    }
+  }
+  const int64_t plane = n1 * n2;
+  std::vector<C2<T>> sb(size_t(r * F * STRIP));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j0 = 0; j0 < n2; j0 += STRIP)
+      for (int64_t i0 = 0; i0 < n1; i0 += rows) {
+        for (int64_t q = 0; q < r * F * STRIP; ++q) {
+          const int64_t kf = q / STRIP, j = j0 + q % STRIP;
+          sb[q] = j < n2 ? b2[(b * r * F + kf) * n2 + j] : C2<T>{T(0), T(0)};
+        }
+        const int64_t i_end = i0 + rows < n1 ? i0 + rows : n1;
+        for (int ty = 0; ty < PASS; ++ty)
+          for (int tx = 0; tx < STRIP; ++tx) {
+            const int64_t j = j0 + tx;
+            if (j >= n2) continue;
+            for (int64_t i = i0 + ty; i < i_end; i += PASS) {
+              const int64_t off = b * N * plane + i * n2 + j;
+              T yr[F], yi[F];
+              yhat_fixed<N, T, C2<T>>(int(r), &a2[(b * n1 + i) * r * F], &sb[tx], STRIP, yr, yi);
+              irdft_fixed<N, T>(yr, yi, [&](auto tt, T val) {
+                constexpr int t = decltype(tt)::value;
+                out[off + t * plane] = val + (res ? res[off + t * plane] : T(0));
+              });
+            }
+          }
+      }
+  return 0;
+}
+
+#define DFTS(T, sfx, N) \
+  case N: return dfts<N, T>(E, x, yh, yh2, out, cnt);
+#define API(T, sfx)                                                                        \
+extern "C" int dfts_##sfx(int n, int64_t E, const T* x, T* yh, const T* yh2, T* out, int* cnt) { \
+  switch (n) {                                                                             \
+    DFTS(T, sfx, 1) DFTS(T, sfx, 2) DFTS(T, sfx, 3) DFTS(T, sfx, 4) DFTS(T, sfx, 5)        \
+    DFTS(T, sfx, 6) DFTS(T, sfx, 7) DFTS(T, sfx, 8) DFTS(T, sfx, 12) DFTS(T, sfx, 13)      \
+    DFTS(T, sfx, 16) DFTS(T, sfx, 31) DFTS(T, sfx, 48) DFTS(T, sfx, 63) DFTS(T, sfx, 64)   \
+    default: return 1;                                                                     \
+  }                                                                                        \
+}                                                                                          \
+extern "C" int fwd2_##sfx(int n, int64_t B, int64_t n1, int64_t n2, int64_t r, const T* U, \
+                          const T* S, const T* V, const T* res, T* out, int rows) {        \
+  switch (n) {                                                                             \
+    case 12: return fwd2<12, T>(B, n1, n2, r, U, S, V, res, out, rows);                    \
+    case 48: return fwd2<48, T>(B, n1, n2, r, U, S, V, res, out, rows);                    \
+    default: return 1;                                                                     \
+  }                                                                                        \
+}
+API(double, d)
+API(float, f)
+"""
+
+
+@pytest.fixture(scope="module")
+def harness_v2(tmp_path_factory):
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler to build the host harness of csrc/cuda/fixed_dft.h")
+    d = tmp_path_factory.mktemp("cuda_harness_v2")
+    src, lib = d / "harness_v2.cpp", d / "harness_v2.so"
+    src.write_text(HARNESS_V2)
+    subprocess.run([cxx, "-std=c++17", "-O1", "-shared", "-fPIC", f"-I{CSRC}", str(src), "-o",
+                    str(lib)], check=True, capture_output=True, text=True)
+    h = ctypes.CDLL(str(lib))
+    for name in ("twiddle", "dfts_d", "dfts_f", "fwd2_d", "fwd2_f"):
+        getattr(h, name).restype = ctypes.c_int
+    return h
+
+
+def test_harness_v2_compile_time_twiddles(harness_v2):
+    """cospi / sinpi (the constexpr twiddles) == numpy's cos / sin of pi num / den, with the
+    zeros and +-1 of multiples of pi/2 exact."""
+    c, s = ctypes.c_double(), ctypes.c_double()
+    worst = 0.0
+    for den in (1, 2, 3, 5, 12, 24, 48, 63, 96, 128):
+        for num in range(-2 * den - 3, 4 * den + 4):
+            assert harness_v2.twiddle(ctypes.c_longlong(num), ctypes.c_longlong(den),
+                                      ctypes.byref(c), ctypes.byref(s)) == 0
+            worst = max(worst, abs(c.value - math.cos(math.pi * num / den)),
+                        abs(s.value - math.sin(math.pi * num / den)))
+            if (2 * num) % den == 0:                       # multiple of pi/2: exact values
+                q = (2 * num // den) % 4
+                assert (c.value, s.value) == [(1.0, 0.0), (0.0, 1.0), (-1.0, 0.0), (0.0, -1.0)][q]
+    assert worst < 1e-14
+
+
+@pytest.mark.parametrize("sfx", ["d", "f"])
+@pytest.mark.parametrize("n3", V2_NS)
+def test_harness_v2_rfft_irfft(harness_v2, sfx, n3):
+    """rdft_fixed == numpy.fft.rfft; irdft_fixed == numpy.fft.irfft (the imaginary parts of
+    the DC and Nyquist bins ignored) and emits every t exactly once."""
+    rng = np.random.default_rng(100 + n3)
+    E, nf, dt = 6, n3 // 2 + 1, NPDT[sfx]
+    x = rng.standard_normal((E, n3)).astype(dt)
+    yh = np.full((E, nf, 2), np.nan, dt)
+    yh2 = rng.standard_normal((E, nf, 2)).astype(dt)
+    out = np.full((E, n3), np.nan, dt)
+    cnt = np.zeros((E, n3), np.int32)
+    assert harness_v2.__getattr__(f"dfts_{sfx}")(ctypes.c_int(n3), ctypes.c_int64(E), _p(x),
+                                                 _p(yh), _p(yh2), _p(out), _p(cnt)) == 0
+    assert (cnt == 1).all()
+    ref = np.fft.rfft(x.astype(np.float64), axis=1)
+    assert relerr(yh[..., 0] + 1j * yh[..., 1], ref) < TOL[sfx]
+    spec = yh2.astype(np.float64)[..., 0] + 1j * yh2.astype(np.float64)[..., 1]
+    spec[:, 0] = spec[:, 0].real
+    if n3 % 2 == 0:
+        spec[:, -1] = spec[:, -1].real
+    ref = np.fft.irfft(spec, n=n3, axis=1)
+    assert relerr(out, ref) < TOL[sfx]
+
+
+@pytest.mark.parametrize("sfx", ["d", "f"])
+@pytest.mark.parametrize("n3", V2_KERNEL_NS)
+@pytest.mark.parametrize("B,n1,n2,r,rows", [(1, 9, 40, 4, 8), (2, 19, 33, 1, 16),
+                                            (1, 70, 65, 8, 24), (1, 3, 5, 3, 8)])
+@pytest.mark.parametrize("with_res", [True, False])
+def test_harness_v2_treconstruct_forward(harness_v2, sfx, n3, B, n1, n2, r, rows, with_res):
+    """The v2 forward (prep launch + main launch, replayed thread by thread with the kernels'
+    index arithmetic and shared-memory strip) == the definition of the t-product."""
+    rng = np.random.default_rng(n3 * 1000 + n1 * 10 + r)
+    dt = NPDT[sfx]
+    u, s, v = (rng.standard_normal(sh).astype(dt) for sh in
+               [(B, n3, n1, r), (B, n3, r), (B, n3, n2, r)])
+    res = rng.standard_normal((B, n3, n1, n2)).astype(dt) if with_res else None
+    out = np.full((B, n3, n1, n2), np.nan, dt)
+    assert harness_v2.__getattr__(f"fwd2_{sfx}")(
+        ctypes.c_int(n3), *_i(B, n1, n2, r), _p(u), _p(s), _p(v), _p(res), _p(out),
+        ctypes.c_int(rows)) == 0
+    ref = np_trec(*(a.astype(np.float64) for a in (u, s, v)),
+                  None if res is None else res.astype(np.float64))
+    assert np.isfinite(out).all()
+    assert relerr(out, ref) < TOL[sfx] * 10
+
+
+# --------------------------------------------------------------------------------------
 # GPU tests
 # --------------------------------------------------------------------------------------
 HAS_CUDA = torch.cuda.is_available() and tsvd.compiled_available("cuda")

@@ -16,6 +16,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <tuple>
 
@@ -52,6 +54,26 @@ bool fused(int64_t n3) { return n3 / 2 + 1 <= tsvd::cuda::kMaxFusedFreq; }
 // n3 = 12, 0.21x at n3 = 48; hence cuFFT above 16. (The inverse was 1.27x and 0.99x: kept.)
 bool own_rfft(int64_t n3) { return n3 <= 16 && fused(n3); }
 
+// TSVD_CUDA_KERNELS=v2 selects the v2 kernels (kernels_v2.cu) where they apply: float32 and
+// n3 in {12, 48}. v1 stays the default until a GPU run has verified v2 (issue 13). Read on
+// every call (one getenv), so that a benchmark can time both in one process.
+bool v2_enabled() {
+  const char* e = std::getenv("TSVD_CUDA_KERNELS");
+  return e != nullptr && std::strcmp(e, "v2") == 0;
+}
+bool v2_tube(at::ScalarType real_type, int64_t n3) {
+  return real_type == at::kFloat && (n3 == 12 || n3 == 48) && v2_enabled();
+}
+
+// The inverse-DFT weights w_f / n3 (w_f = 1 for the DC and Nyquist bins, 2 otherwise) times
+// `scale`, as a (nf,) tensor made on the device (fill_ on views: no host-to-device copy).
+Tensor freq_weights(int64_t n3, int64_t nf, double scale, const at::TensorOptions& opts) {
+  Tensor c = at::full({nf}, 2.0 * scale / double(n3), opts);
+  c.narrow(0, 0, 1).fill_(scale / double(n3));
+  if (n3 % 2 == 0 && nf > 1) c.narrow(0, nf - 1, 1).fill_(scale / double(n3));
+  return c;
+}
+
 at::ScalarType complex_of(at::ScalarType t) {
   return t == at::kDouble ? at::kComplexDouble : at::kComplexFloat;
 }
@@ -65,6 +87,13 @@ Tensor tube_rfft_impl(const Tensor& X) {
   const int64_t nf = n3 / 2 + 1;
   if (X.numel() == 0)
     return at::empty({B, nf, n1, n2}, X.options().dtype(complex_of(X.scalar_type())));
+  if (v2_tube(X.scalar_type(), n3)) {
+    const Tensor x = X.contiguous();
+    Tensor out = at::empty({B, nf, n1, n2, 2}, x.options());
+    C10_CUDA_CHECK(tsvd::cuda::launch_tube_rfft_v2(x.data_ptr<float>(), out.data_ptr<float>(), B,
+                                                   n3, n1 * n2, stream_of(x)));
+    return at::view_as_complex(out);
+  }
   // cuFFT returns the transformed dim innermost in memory: make it contiguous, as the
   // fake implementation (and every other path) promises.
   if (!own_rfft(n3)) return at::fft_rfft(X, std::nullopt, 1).contiguous();
@@ -95,6 +124,11 @@ Tensor tube_irfft_impl(const Tensor& Xh, int64_t n3) {
   if (B * n1 * n2 == 0) return at::empty({B, n3, n1, n2}, Xh.options().dtype(rt));
   const Tensor xh = at::view_as_real(Xh.resolve_conj().contiguous());
   Tensor out = at::empty({B, n3, n1, n2}, xh.options());
+  if (v2_tube(rt, n3)) {
+    C10_CUDA_CHECK(tsvd::cuda::launch_tube_irfft_v2(xh.data_ptr<float>(), out.data_ptr<float>(), B,
+                                                    n3, n1 * n2, stream_of(xh)));
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES(rt, "tsvd_tube_irfft_cuda", [&] {
     C10_CUDA_CHECK(tsvd::cuda::launch_tube_irfft<scalar_t>(
         xh.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), B, n3, n1 * n2, stream_of(xh)));
@@ -174,6 +208,22 @@ Tensor treconstruct_impl(const Tensor& U, const Tensor& S, const Tensor& V,
   if (B * n1 * n2 == 0) return at::zeros({B, n3, n1, n2}, U.options());
   if (r == 0) return has_res ? residual->clone(at::MemoryFormat::Contiguous)
                              : at::zeros({B, n3, n1, n2}, U.options());
+  if (v2_tube(U.scalar_type(), n3) && tsvd::cuda::v2_supported(n3, r, n1, n2) && B <= 65535) {
+    // v2: one prep launch (factor transforms) and one main launch; a2 and b2 share one
+    // scratch buffer.
+    const int64_t nf = n3 / 2 + 1;
+    const Tensor u = U.contiguous(), s = S.contiguous(), v = V.contiguous();
+    Tensor res;
+    if (has_res) res = residual->contiguous();
+    Tensor scratch = at::empty({B * (n1 + n2) * r * nf * 2}, U.options());
+    Tensor out = at::empty({B, n3, n1, n2}, U.options());
+    float* a2 = scratch.data_ptr<float>();
+    C10_CUDA_CHECK(tsvd::cuda::launch_treconstruct_fwd_v2(
+        u.data_ptr<float>(), s.data_ptr<float>(), v.data_ptr<float>(),
+        has_res ? res.data_ptr<float>() : nullptr, out.data_ptr<float>(), a2,
+        a2 + B * n1 * r * nf * 2, B, n3, n1, n2, r, stream_of(out)));
+    return out;
+  }
   const Factors fa = factors(U, S, V);
   if (!fused(n3)) {
     Tensor out = at::fft_irfft(at::matmul(fa.ah, at::conj_physical(fa.vh).transpose(-2, -1)), n3, 1).contiguous();
@@ -198,9 +248,10 @@ Tensor treconstruct_impl(const Tensor& U, const Tensor& S, const Tensor& V,
 Tensor rfft_adjoint(const Tensor& gh, int64_t n3) {
   const int64_t nf = gh.size(1);
   auto real = gh.scalar_type() == at::kComplexDouble ? at::kDouble : at::kFloat;
+  // n3 / w_f = 1 / (w_f / n3) (weights n3 for DC and Nyquist, n3 / 2 otherwise)
   Tensor d = at::full({nf}, double(n3) / 2.0, gh.options().dtype(real));
-  d.index_put_({0}, double(n3));
-  if (n3 % 2 == 0 && nf > 1) d.index_put_({nf - 1}, double(n3));
+  d.narrow(0, 0, 1).fill_(double(n3));
+  if (n3 % 2 == 0 && nf > 1) d.narrow(0, nf - 1, 1).fill_(double(n3));
   return tube_irfft_impl(gh * d.view({1, nf, 1, 1}), n3);
 }
 
@@ -221,12 +272,18 @@ std::tuple<Tensor, Tensor, Tensor> treconstruct_backward_impl(const Tensor& grad
   const int64_t nf = n3 / 2 + 1;
   const Factors fa = factors(U, S, V);
   Tensor gah, gbh;  // (B, nf, n1, r), (B, nf, n2, r): (c Gh) Vh and (c Gh)^H A
-  if (!fused(n3)) {
-    auto real = U.scalar_type();
-    Tensor c = at::full({nf}, 2.0 / double(n3), U.options().dtype(real));
-    c.index_put_({0}, 1.0 / double(n3));
-    if (n3 % 2 == 0 && nf > 1) c.index_put_({nf - 1}, 1.0 / double(n3));
-    const Tensor gh = at::fft_rfft(grad, std::nullopt, 1) * c.view({1, nf, 1, 1});
+  if (v2_tube(U.scalar_type(), n3)) {
+    // v2: Gh = rfft(G) by the fixed-length kernel (contiguous (B, nf, n1, n2)), then the two
+    // reductions as batched complex GEMMs (cuBLAS through ATen) with the weights c_f applied
+    // to their small results: gA = c (Gh Vh), gB = c (Gh^H A) = c conj(Gh^T conj(A)) (Gh^T
+    // is a transposed view: no copy of the large transform).
+    const Tensor c = freq_weights(n3, nf, 1.0, U.options()).view({1, nf, 1, 1});
+    const Tensor gh = tube_rfft_impl(grad);
+    gah = at::matmul(gh, fa.vh) * c;
+    gbh = at::conj_physical(at::matmul(gh.transpose(-2, -1), at::conj_physical(fa.ah))) * c;
+  } else if (!fused(n3)) {
+    const Tensor c = freq_weights(n3, nf, 1.0, U.options()).view({1, nf, 1, 1});
+    const Tensor gh = at::fft_rfft(grad, std::nullopt, 1) * c;
     gah = at::matmul(gh, fa.vh);
     gbh = at::matmul(at::conj_physical(gh).transpose(-2, -1), fa.ah);
   } else {

@@ -1,0 +1,250 @@
+// Real DFTs of a tube whose length N is a compile-time constant (the "v2" CUDA kernels,
+// issue 13): every twiddle factor is a compile-time constant, the loops over t and f are
+// unrolled by templates (no runtime trip counts, no cos/sin tables in shared memory, no
+// arrays indexed at run time, so everything stays in registers).
+//
+// No ATen, no CUDA headers: the functions are __host__ __device__ (TSVD_HOST_DEVICE) and are
+// compiled and tested on the CPU too (tests/test_cuda.py builds a host harness of this header
+// with the system C++ compiler and compares it with numpy).
+//
+// Conventions (those of column_dft.h and torch.fft), F = N/2 + 1 stored frequencies:
+//   rdft_fixed:  yr[f] + i yi[f] = sum_t x[t] e^{-2 pi i f t / N}          (= rfft)
+//   irdft_fixed: x[t] = sum_f (w_f / N) (yr[f] cos th - yi[f] sin th),       (= irfft;
+//                th = 2 pi f t / N, w_f = 1 for the DC and Nyquist bins, 2 otherwise;
+//                the imaginary parts of the DC and Nyquist bins are ignored)
+//
+// Operation counts (N = 48, F = 25): the inverse pairs t with N - t (cos even, sin odd) and,
+// for even N, t with t + N/2 (a factor (-1)^f), so four outputs share one pass over the
+// frequencies: ~13 fused multiply-adds per output instead of 2F = 50 for a plain DFT. The
+// forward pairs t with N - t: ~25 per input.
+#pragma once
+#include <cstdint>
+#include <type_traits>
+#include <utility>
+
+#include "../kernels/common.h"
+
+#if defined(__CUDACC__)
+#define TSVD_FORCEINLINE __forceinline__
+#else
+#define TSVD_FORCEINLINE inline __attribute__((always_inline))
+#endif
+
+namespace tsvd {
+namespace cuda_fixed {
+
+// ---------------------------------------------------------------------------------------
+// compile-time cos / sin of pi * num / den (double; |error| < 1e-16)
+// ---------------------------------------------------------------------------------------
+constexpr double kPi = 3.14159265358979323846264338327950288;
+
+// Taylor series, |x| <= pi/4: 12 terms put the remainder below 1e-25.
+constexpr double poly_sin(double x) {
+  double x2 = x * x, term = x, sum = x;
+  for (int k = 1; k < 12; ++k) {
+    term *= -x2 / double((2 * k) * (2 * k + 1));
+    sum += term;
+  }
+  return sum;
+}
+constexpr double poly_cos(double x) {
+  double x2 = x * x, term = 1.0, sum = 1.0;
+  for (int k = 1; k < 12; ++k) {
+    term *= -x2 / double((2 * k - 1) * (2 * k));
+    sum += term;
+  }
+  return sum;
+}
+
+// cos(pi num / den), den > 0: reduced with integers to an angle in [0, pi/4], so that the
+// zeros and the +-1 of the multiples of pi/2 are exact.
+constexpr double cospi(long long num, long long den) {
+  long long n = num % (2 * den);
+  if (n < 0) n += 2 * den;           // [0, 2 den): angle in [0, 2 pi)
+  if (n > den) n = 2 * den - n;      // cos(2 pi - y) = cos y: [0, den]
+  double sign = 1.0;
+  if (2 * n > den) {                 // cos(pi - y) = -cos y: [0, den / 2]
+    n = den - n;
+    sign = -1.0;
+  }
+  if (4 * n > den)                   // cos y = sin(pi/2 - y), pi/2 - y in [0, pi/4)
+    return sign * poly_sin(kPi * double(den - 2 * n) / double(2 * den));
+  return sign * poly_cos(kPi * double(n) / double(den));
+}
+// sin(pi num / den) = cos(pi (2 num - den) / (2 den))
+constexpr double sinpi(long long num, long long den) { return cospi(2 * num - den, 2 * den); }
+
+// cos / sin of 2 pi m / N as compile-time constants (static constexpr scalars may be used in
+// device code).
+template <int N, int M>
+struct Twiddle {
+  static constexpr double c = cospi(2LL * (M % N), N);
+  static constexpr double s = sinpi(2LL * (M % N), N);
+};
+
+// ---------------------------------------------------------------------------------------
+// compile-time loops: fn(std::integral_constant<int, I>{}) for I = 0 .. N-1
+// ---------------------------------------------------------------------------------------
+template <typename Fn, int... Is>
+TSVD_HOST_DEVICE TSVD_FORCEINLINE void static_for_impl(Fn& fn, std::integer_sequence<int, Is...>) {
+  (fn(std::integral_constant<int, Is>{}), ...);
+}
+template <int N, typename Fn>
+TSVD_HOST_DEVICE TSVD_FORCEINLINE void static_for(Fn&& fn) {
+  static_for_impl(fn, std::make_integer_sequence<int, N>{});
+}
+
+template <int N>
+struct Sizes {
+  static constexpr int F = N / 2 + 1;                 // stored frequencies
+  static constexpr bool even = N % 2 == 0;
+  static constexpr int H = N / 2;
+  // weight w_f / N of the inverse (irfft) for frequency f
+  template <int f>
+  TSVD_HOST_DEVICE static constexpr double inv_weight() {
+    return (f == 0 || (even && 2 * f == N)) ? 1.0 / N : 2.0 / N;
+  }
+  // does the sin term of frequency f exist (not DC, not Nyquist)?
+  template <int f>
+  TSVD_HOST_DEVICE static constexpr bool has_sin() { return !(f == 0 || (even && 2 * f == N)); }
+};
+
+// ---------------------------------------------------------------------------------------
+// forward: rfft of x[0..N) -> yr, yi [0..F)
+// ---------------------------------------------------------------------------------------
+template <int N, typename T>
+TSVD_HOST_DEVICE TSVD_FORCEINLINE void rdft_fixed(const T (&x)[N], T (&yr)[N / 2 + 1],
+                                                  T (&yi)[N / 2 + 1]) {
+  using Z = Sizes<N>;
+  // e_t = x_t + x_{N-t}, o_t = x_t - x_{N-t} for 1 <= t < N - t
+  constexpr int P = (N - 1) / 2;
+  T e[P > 0 ? P : 1], o[P > 0 ? P : 1];
+  static_for<P>([&](auto tt) {
+    constexpr int t = decltype(tt)::value + 1;
+    e[t - 1] = x[t] + x[N - t];
+    o[t - 1] = x[t] - x[N - t];
+  });
+  static_for<Z::F>([&](auto ff) {
+    constexpr int f = decltype(ff)::value;
+    T re = x[0];
+    if constexpr (Z::even && N > 1) re += ((f % 2) ? -x[Z::H] : x[Z::H]);
+    T im = T(0);
+    static_for<P>([&](auto tt) {
+      constexpr int t = decltype(tt)::value + 1;
+      constexpr double c = Twiddle<N, f * t>::c;
+      if constexpr (c == 1.0) re += e[t - 1];
+      else if constexpr (c == -1.0) re -= e[t - 1];
+      else if constexpr (c != 0.0) re += T(c) * e[t - 1];
+      if constexpr (Z::template has_sin<f>()) {
+        constexpr double s = Twiddle<N, f * t>::s;
+        if constexpr (s == 1.0) im -= o[t - 1];
+        else if constexpr (s == -1.0) im += o[t - 1];
+        else if constexpr (s != 0.0) im -= T(s) * o[t - 1];
+      }
+    });
+    yr[f] = re;
+    yi[f] = im;
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// inverse: irfft of yr, yi [0..F) -> emit(std::integral_constant<int, t>, x_t) for every t
+// (each t exactly once; the order is not t's)
+// ---------------------------------------------------------------------------------------
+namespace detail {
+// partial sums over the frequencies f with f % 2 == parity (parity -1: all f) of
+//   c = sum (w_f/N) cos(2 pi f t / N) yr[f],  s = -sum (w_f/N) sin(2 pi f t / N) yi[f]
+template <int N, int t, int parity, typename T>
+TSVD_HOST_DEVICE TSVD_FORCEINLINE void inv_sums(const T (&yr)[N / 2 + 1], const T (&yi)[N / 2 + 1],
+                                                T& c, T& s) {
+  using Z = Sizes<N>;
+  c = T(0);
+  s = T(0);
+  static_for<Z::F>([&](auto ff) {
+    constexpr int f = decltype(ff)::value;
+    if constexpr (parity < 0 || f % 2 == parity) {
+      constexpr double w = Z::template inv_weight<f>();
+      constexpr double cv = Twiddle<N, f * t>::c * w;
+      constexpr double sv = -Twiddle<N, f * t>::s * w;
+      if constexpr (cv != 0.0) c += T(cv) * yr[f];
+      if constexpr (Z::template has_sin<f>() && sv != 0.0) s += T(sv) * yi[f];
+    }
+  });
+}
+}  // namespace detail
+
+template <int N, typename T, typename Emit>
+TSVD_HOST_DEVICE TSVD_FORCEINLINE void irdft_fixed(const T (&yr)[N / 2 + 1], const T (&yi)[N / 2 + 1],
+                                                   Emit&& emit) {
+  using Z = Sizes<N>;
+  if constexpr (Z::even && Z::H % 2 == 0 && N >= 4) {
+    // t and t + H: cos/sin of f (t + H) are (-1)^f times those of f t, so the even- and
+    // odd-f partial sums of t give both; with the pairing t <-> N - t, one t in [0, H/2]
+    // gives the outputs t, N - t, H + t, H - t.
+    constexpr int Q = Z::H / 2;
+    static_for<Q + 1>([&](auto tt) {
+      constexpr int t = decltype(tt)::value;
+      T ce, se, co, so;
+      detail::inv_sums<N, t, 0>(yr, yi, ce, se);
+      detail::inv_sums<N, t, 1>(yr, yi, co, so);
+      const T c0 = ce + co, s0 = se + so;     // t
+      const T c1 = ce - co, s1 = se - so;     // t + H
+      if constexpr (t == 0) {
+        emit(std::integral_constant<int, 0>{}, c0 + s0);
+        emit(std::integral_constant<int, Z::H>{}, c1 + s1);
+      } else if constexpr (t == Q) {          // t + H = N - t: the same two outputs
+        emit(std::integral_constant<int, t>{}, c0 + s0);
+        emit(std::integral_constant<int, N - t>{}, c0 - s0);
+      } else {
+        emit(std::integral_constant<int, t>{}, c0 + s0);
+        emit(std::integral_constant<int, N - t>{}, c0 - s0);
+        emit(std::integral_constant<int, Z::H + t>{}, c1 + s1);
+        emit(std::integral_constant<int, Z::H - t>{}, c1 - s1);
+      }
+    });
+  } else {
+    // pairing t <-> N - t only
+    static_for<N / 2 + 1>([&](auto tt) {
+      constexpr int t = decltype(tt)::value;
+      T c, s;
+      detail::inv_sums<N, t, -1>(yr, yi, c, s);
+      emit(std::integral_constant<int, t>{}, c + s);
+      if constexpr (t != 0 && 2 * t != N) emit(std::integral_constant<int, N - t>{}, c - s);
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// the forward treconstruct's per-column product, v2 layouts (see launch.h):
+//   y_f = sum_k A_f[i, k] conj(Vh_f[j, k]),
+// V2: a struct of two T (.x real, .y imaginary): float2 / double2 on the GPU, so that each
+// complex entry is one 8- or 16-byte load;
+// a_i: A of row i, [k][f];
+// b_j: Vh of column j, [k][f] with `bstride` V2 entries between consecutive (k, f) entries
+// (the shared-memory strip of the CUDA kernel: 32, one per column of the strip).
+// ---------------------------------------------------------------------------------------
+template <int N, typename T, typename V2>
+TSVD_HOST_DEVICE TSVD_FORCEINLINE void yhat_fixed(int r, const V2* TSVD_RESTRICT a_i,
+                                                  const V2* TSVD_RESTRICT b_j, int bstride,
+                                                  T (&yr)[N / 2 + 1], T (&yi)[N / 2 + 1]) {
+  constexpr int F = N / 2 + 1;
+  static_for<F>([&](auto ff) {
+    constexpr int f = decltype(ff)::value;
+    yr[f] = T(0);
+    yi[f] = T(0);
+  });
+  for (int k = 0; k < r; ++k) {
+    const V2* ak = a_i + k * F;
+    const V2* bk = b_j + k * F * bstride;
+    static_for<F>([&](auto ff) {
+      constexpr int f = decltype(ff)::value;
+      const V2 av = ak[f];
+      const V2 bv = bk[f * bstride];
+      yr[f] += av.x * bv.x + av.y * bv.y;
+      yi[f] += av.y * bv.x - av.x * bv.y;
+    });
+  }
+}
+
+}  // namespace cuda_fixed
+}  // namespace tsvd

@@ -1,0 +1,350 @@
+// The v2 CUDA kernels (issue 13), float32, for tube lengths fixed at compile time
+// (kV2Lengths: 12 and 48, the UNETR-Base LoRA-PT stacks). Selected by the glue only when
+// TSVD_CUDA_KERNELS=v2 (csrc/cuda/ops_cuda.cpp) until a GPU run has verified them; the v1
+// kernels (kernels.cu) stay the default and handle every other case.
+//
+//   trec_prep_v2   one launch for the factor transforms: a2 = rfft(U) rfft(S) and
+//                  b2 = rfft(V), one thread per tube, in the layouts of the main kernel;
+//   trec_fwd_v2    out = residual + irfft(A_f Vh_f^H): a block owns a strip of 32 columns j
+//                  and a range of rows i; Vh of the strip sits in shared memory for all its
+//                  rows; a thread owns one (i, j) at a time: it prefetches the N3 residual
+//                  values of its tube (streaming loads), forms the F products in registers,
+//                  and writes the tube with the compile-time inverse DFT (streaming stores).
+//                  Per output element (N3 = 48, r = 8): ~23 instructions for the products
+//                  (one shared and half a global 8-byte load per 4 FMA) and ~13 FMA for the
+//                  inverse DFT, against ~225 for v1's kernel;
+//   tube_rfft_v2   rfft along dim 1 of (B, N3, E) -> (B, F, E) complex (the backward's
+//                  transform of the output gradient, tprod's transforms);
+//   tube_irfft_v2  the inverse.
+// The arithmetic (fixed_dft.h) is shared with the CPU host harness of tests/test_cuda.py.
+#include <cuda_runtime.h>
+
+#include <atomic>
+
+#include "fixed_dft.h"
+#include "launch.h"
+
+namespace tsvd {
+namespace cuda {
+namespace {
+
+using cuda_fixed::irdft_fixed;
+using cuda_fixed::rdft_fixed;
+using cuda_fixed::static_for;
+using cuda_fixed::yhat_fixed;
+
+constexpr int kStrip = 32;        // columns j per block (one warp across them)
+constexpr int kRowsPerPass = 8;   // rows per pass (8 warps)
+constexpr int kV2Threads = kStrip * kRowsPerPass;
+
+// ------------------------------------------------------------------------------------
+// prep: U (B, N3, n1, r), S (B, N3, r), V (B, N3, n2, r) ->
+//   a2 (B, n1, r, F) complex: rfft(U)[f, i, k] * rfft(S)[f, k]
+//   b2 (B, r, F, n2) complex: rfft(V)[f, j, k]
+// Threads [0, nU): U tubes, k fastest (coalesced reads of U); [nU, nU + nV): V tubes,
+// j fastest (coalesced writes of b2).
+// ------------------------------------------------------------------------------------
+template <int N3>
+__global__ void __launch_bounds__(kV2Threads)
+trec_prep_v2(const float* __restrict__ U, const float* __restrict__ S, const float* __restrict__ V,
+             float2* __restrict__ a2, float2* __restrict__ b2, int n1, int n2, int r, int64_t nU,
+             int64_t nV) {
+  constexpr int F = N3 / 2 + 1;
+  int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  float x[N3];
+  if (idx < nU) {
+    const int k = int(idx % r);
+    const int64_t bi = idx / r;
+    const int i = int(bi % n1);
+    const int64_t b = bi / n1;
+    const float* u = U + (b * N3 * n1 + i) * r + k;
+    const int64_t us = int64_t(n1) * r;
+    static_for<N3>([&](auto tt) {
+      constexpr int t = decltype(tt)::value;
+      x[t] = u[t * us];
+    });
+    float ur[F], ui[F];
+    rdft_fixed<N3>(x, ur, ui);
+    const float* s = S + b * N3 * r + k;
+    static_for<N3>([&](auto tt) {
+      constexpr int t = decltype(tt)::value;
+      x[t] = s[t * r];
+    });
+    float sr[F], si[F];
+    rdft_fixed<N3>(x, sr, si);
+    float2* o = a2 + ((b * n1 + i) * r + k) * F;
+    static_for<F>([&](auto ff) {
+      constexpr int f = decltype(ff)::value;
+      o[f] = make_float2(ur[f] * sr[f] - ui[f] * si[f], ur[f] * si[f] + ui[f] * sr[f]);
+    });
+  } else if (idx < nU + nV) {
+    idx -= nU;
+    const int j = int(idx % n2);
+    const int64_t rest = idx / n2;
+    const int k = int(rest % r);
+    const int64_t b = rest / r;
+    const float* v = V + (b * N3 * n2 + j) * r + k;
+    const int64_t vs = int64_t(n2) * r;
+    static_for<N3>([&](auto tt) {
+      constexpr int t = decltype(tt)::value;
+      x[t] = v[t * vs];
+    });
+    float vr[F], vi[F];
+    rdft_fixed<N3>(x, vr, vi);
+    float2* o = b2 + (b * r + k) * F * n2 + j;
+    static_for<F>([&](auto ff) {
+      constexpr int f = decltype(ff)::value;
+      o[int64_t(f) * n2] = make_float2(vr[f], vi[f]);
+    });
+  }
+}
+
+// ------------------------------------------------------------------------------------
+// main: out (B, N3, n1, n2) = res + irfft_f(y), y_f[i, j] = sum_k a2[b, i, k, f] conj(b2[b, k, f, j])
+// grid (ceil(n2 / 32), ceil(n1 / rows_per_block), B), block (32, 8); shared: b2's strip
+// [r][F][32] (float2).
+// ------------------------------------------------------------------------------------
+template <int N3>
+__global__ void __launch_bounds__(kV2Threads, 2)
+trec_fwd_v2(const float2* __restrict__ a2, const float2* __restrict__ b2,
+            const float* __restrict__ res, float* __restrict__ out, int n1, int n2, int r,
+            int rows_per_block) {
+  constexpr int F = N3 / 2 + 1;
+  extern __shared__ float2 sb[];
+  const int64_t b = blockIdx.z;
+  const int j0 = blockIdx.x * kStrip;
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int tid = ty * kStrip + tx;
+  const int nb = r * F * kStrip;
+  const float2* bsrc = b2 + b * r * F * n2;
+  for (int q = tid; q < nb; q += kV2Threads) {
+    const int kf = q / kStrip, jj = q - kf * kStrip;
+    const int j = j0 + jj;
+    sb[q] = j < n2 ? bsrc[int64_t(kf) * n2 + j] : make_float2(0.f, 0.f);
+  }
+  __syncthreads();  // the only barrier: threads past n2 may leave after it
+  const int j = j0 + tx;
+  if (j >= n2) return;
+  const int64_t plane = int64_t(n1) * n2;
+  const int i_begin = blockIdx.y * rows_per_block;
+  const int i_end = min(n1, i_begin + rows_per_block);
+  for (int i = i_begin + ty; i < i_end; i += kRowsPerPass) {
+    const int64_t off = b * N3 * plane + int64_t(i) * n2 + j;
+    float rv[N3];
+    if (res != nullptr) {
+      static_for<N3>([&](auto tt) {
+        constexpr int t = decltype(tt)::value;
+        rv[t] = __ldcs(res + off + t * plane);
+      });
+    } else {
+      static_for<N3>([&](auto tt) { rv[decltype(tt)::value] = 0.f; });
+    }
+    float yr[F], yi[F];
+    yhat_fixed<N3, float, float2>(r, a2 + (b * n1 + i) * r * F, sb + tx, kStrip, yr, yi);
+    float* o = out + off;
+    irdft_fixed<N3>(yr, yi, [&](auto tt, float v) {
+      constexpr int t = decltype(tt)::value;
+      __stcs(o + t * plane, v + rv[t]);
+    });
+  }
+}
+
+// ------------------------------------------------------------------------------------
+// tube transforms along dim 1: x (B, N3, E) <-> xh (B, F, E) complex; one thread per (b, e),
+// grid-stride; coalesced along e.
+// ------------------------------------------------------------------------------------
+template <int N3>
+__global__ void __launch_bounds__(kV2Threads)
+tube_rfft_v2(const float* __restrict__ x, float2* __restrict__ xh, int64_t B, int64_t E) {
+  constexpr int F = N3 / 2 + 1;
+  const int64_t total = B * E;
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = idx / E, e = idx - b * E;
+    const float* p = x + b * N3 * E + e;
+    float v[N3];
+    static_for<N3>([&](auto tt) {
+      constexpr int t = decltype(tt)::value;
+      v[t] = __ldcs(p + t * E);
+    });
+    float yr[F], yi[F];
+    rdft_fixed<N3>(v, yr, yi);
+    float2* o = xh + b * F * E + e;
+    static_for<F>([&](auto ff) {
+      constexpr int f = decltype(ff)::value;
+      o[f * E] = make_float2(yr[f], yi[f]);
+    });
+  }
+}
+
+template <int N3>
+__global__ void __launch_bounds__(kV2Threads)
+tube_irfft_v2(const float2* __restrict__ xh, float* __restrict__ x, int64_t B, int64_t E) {
+  constexpr int F = N3 / 2 + 1;
+  const int64_t total = B * E;
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = idx / E, e = idx - b * E;
+    const float2* p = xh + b * F * E + e;
+    float yr[F], yi[F];
+    static_for<F>([&](auto ff) {
+      constexpr int f = decltype(ff)::value;
+      const float2 v = p[f * E];
+      yr[f] = v.x;
+      yi[f] = v.y;
+    });
+    float* o = x + b * N3 * E + e;
+    irdft_fixed<N3>(yr, yi, [&](auto tt, float v) {
+      constexpr int t = decltype(tt)::value;
+      o[t * E] = v;
+    });
+  }
+}
+
+// ------------------------------------------------------------------------------------
+// host side
+// ------------------------------------------------------------------------------------
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Device facts, read once per device (no attribute query on the hot path).
+struct DeviceFacts {
+  int sms = 0;
+  int smem_optin = 0;
+};
+constexpr int kMaxDevices = 64;
+
+cudaError_t device_facts(DeviceFacts* out) {
+  static DeviceFacts facts[kMaxDevices];
+  static std::atomic<bool> known[kMaxDevices];
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev < 0 || dev >= kMaxDevices) return cudaErrorInvalidDevice;
+  if (!known[dev].load(std::memory_order_acquire)) {
+    DeviceFacts f;
+    err = cudaDeviceGetAttribute(&f.sms, cudaDevAttrMultiProcessorCount, dev);
+    if (err != cudaSuccess) return err;
+    err = cudaDeviceGetAttribute(&f.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    if (err != cudaSuccess) return err;
+    facts[dev] = f;  // the same values from every thread that races here
+    known[dev].store(true, std::memory_order_release);
+  }
+  *out = facts[dev];
+  return cudaSuccess;
+}
+
+// The main kernel's dynamic shared memory above 48 KB needs an opt-in per kernel and
+// device: made once (to the device's maximum), not on every call.
+template <int N3>
+cudaError_t allow_fwd_smem(int smem_optin) {
+  static std::atomic<unsigned long long> done{0};
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  const unsigned long long bit = 1ULL << (dev & 63);
+  if (done.load(std::memory_order_acquire) & bit) return cudaSuccess;
+  err = cudaFuncSetAttribute(trec_fwd_v2<N3>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             smem_optin);
+  if (err != cudaSuccess) return err;
+  done.fetch_or(bit, std::memory_order_acq_rel);
+  return cudaSuccess;
+}
+
+size_t fwd_smem_bytes(int64_t n3, int64_t r) {
+  return size_t(r) * size_t(n3 / 2 + 1) * kStrip * sizeof(float2);
+}
+
+template <typename Fn>
+cudaError_t dispatch_n3(int64_t n3, Fn&& fn) {
+  switch (n3) {
+    case 12: return fn(std::integral_constant<int, 12>{});
+    case 48: return fn(std::integral_constant<int, 48>{});
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+unsigned grid_stride_blocks(int64_t total, int sms) {
+  const int64_t want = cdiv(total, kV2Threads);
+  const int64_t cap = int64_t(sms > 0 ? sms : 132) * 8;  // a few waves; the loop does the rest
+  return unsigned(want < cap ? (want > 0 ? want : 1) : cap);
+}
+
+}  // namespace
+
+bool v2_supported(int64_t n3, int64_t r, int64_t n1, int64_t n2) {
+  if (n3 != 12 && n3 != 48) return false;
+  if (r < 1 || fwd_smem_bytes(n3, r) > size_t(100) * 1024) return false;  // 2 blocks per SM
+  return n1 < (int64_t(1) << 31) && n2 < (int64_t(1) << 31);
+}
+
+cudaError_t launch_treconstruct_fwd_v2(const float* U, const float* S, const float* V,
+                                       const float* res, float* out, float* a2, float* b2,
+                                       int64_t B, int64_t n3, int64_t n1, int64_t n2, int64_t r,
+                                       cudaStream_t s) {
+  if (!v2_supported(n3, r, n1, n2)) return cudaErrorInvalidValue;
+  if (B * n1 * n2 == 0) return cudaSuccess;
+  if (B > 65535) return cudaErrorInvalidConfiguration;
+  DeviceFacts df;
+  cudaError_t err = device_facts(&df);
+  if (err != cudaSuccess) return err;
+  const size_t smem = fwd_smem_bytes(n3, r);
+  if (smem > size_t(df.smem_optin)) return cudaErrorInvalidValue;
+  return dispatch_n3(n3, [&](auto nn) {
+    constexpr int N3 = decltype(nn)::value;
+    const int64_t nU = B * n1 * r, nV = B * n2 * r;
+    trec_prep_v2<N3><<<unsigned(cdiv(nU + nV, kV2Threads)), kV2Threads, 0, s>>>(
+        U, S, V, reinterpret_cast<float2*>(a2), reinterpret_cast<float2*>(b2), int(n1), int(n2),
+        int(r), nU, nV);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+    if (smem > 48 * 1024) {
+      e = allow_fwd_smem<N3>(df.smem_optin);
+      if (e != cudaSuccess) return e;
+    }
+    // Rows per block: several passes of 8 rows, so that the strip of Vh staged in shared
+    // memory serves many rows, while the grid keeps about 4 waves of 2 blocks per SM.
+    // Unmeasured heuristic.
+    const int64_t strips = cdiv(n2, kStrip), passes = cdiv(n1, kRowsPerPass);
+    int64_t per = (strips * passes * B) / (int64_t(df.sms) * 2 * 4);
+    per = per < 1 ? 1 : (per > 8 ? 8 : per);
+    const int rows = int(per * kRowsPerPass);
+    const int64_t gy = cdiv(n1, rows);
+    if (gy > 65535 || strips > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+    trec_fwd_v2<N3><<<dim3(unsigned(strips), unsigned(gy), unsigned(B)),
+                      dim3(kStrip, kRowsPerPass), smem, s>>>(
+        reinterpret_cast<const float2*>(a2), reinterpret_cast<const float2*>(b2), res, out,
+        int(n1), int(n2), int(r), rows);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_tube_rfft_v2(const float* x, float* xh, int64_t B, int64_t n3, int64_t E,
+                                cudaStream_t s) {
+  if (B * E == 0) return cudaSuccess;
+  DeviceFacts df;
+  cudaError_t err = device_facts(&df);
+  if (err != cudaSuccess) return err;
+  return dispatch_n3(n3, [&](auto nn) {
+    constexpr int N3 = decltype(nn)::value;
+    tube_rfft_v2<N3><<<grid_stride_blocks(B * E, df.sms), kV2Threads, 0, s>>>(
+        x, reinterpret_cast<float2*>(xh), B, E);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_tube_irfft_v2(const float* xh, float* x, int64_t B, int64_t n3, int64_t E,
+                                 cudaStream_t s) {
+  if (B * E == 0) return cudaSuccess;
+  DeviceFacts df;
+  cudaError_t err = device_facts(&df);
+  if (err != cudaSuccess) return err;
+  return dispatch_n3(n3, [&](auto nn) {
+    constexpr int N3 = decltype(nn)::value;
+    tube_irfft_v2<N3><<<grid_stride_blocks(B * E, df.sms), kV2Threads, 0, s>>>(
+        reinterpret_cast<const float2*>(xh), x, B, E);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace cuda
+}  // namespace tsvd
