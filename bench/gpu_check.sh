@@ -5,16 +5,23 @@
 #                    (MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 pip install --no-build-isolation --no-deps -e .),
 #      sanity:       the build has CUDA kernels,
 #   2. tests:        the CUDA-marked tests (tests/test_cuda.py, tests/test_ext.py) -> junit.xml,
-#   3. trec_micro:   bench/trec_micro.py --device cuda (fused reconstruction vs clone and plain
-#                    PyTorch, NaN-poisoned correctness) -> trec_micro.json,
+#      tests_v2:     the same tests with TSVD_CUDA_KERNELS=v2 (the v2 kernels of
+#                    csrc/cuda/kernels_v2.cu; opt-in, so reported in the log, not gating),
+#   3. trec_micro:   bench/trec_micro.py --device cuda --kernels v1,v2 (fused reconstruction
+#                    vs clone and plain PyTorch, v1 and v2 kernels interleaved, NaN-poisoned
+#                    correctness of both) -> trec_micro.json,
 #      host_overhead: bench/host_overhead.py --device cuda -> host_overhead_cuda.json,
 #      kernels:      bench/kernels.py --device cuda (--quick unless --full) -> kernels_cuda.json,
+#      kernels_v2:   the same with TSVD_CUDA_KERNELS=v2 -> kernels_cuda_v2.json (not with
+#                    --with-peft: the device tool brings back 8 files at most),
+#      tsvd_profile: bench/tsvd_profile.py --device cuda (t-SVD settings timed, where the time
+#                    goes under torch.profiler; printed to the log only),
 #   4. peft:         only with --with-peft: the LoRA-PT training-step benchmark
 #                    (bench/peft.py --device cuda --quick) -> peft_cuda.json,
 #   and a summary of the key figures of every JSON file (always, even when steps were skipped).
 # $OUT holds at most 8 files, flat (the device tool's limit): log (everything), build.log,
-# junit.xml, env.json, trec_micro.json, host_overhead_cuda.json, kernels_cuda.json,
-# peft_cuda.json; temporaries left by a killed writer are removed before the summary.
+# junit.xml, env.json, trec_micro.json, host_overhead_cuda.json, kernels_cuda.json, and
+# kernels_cuda_v2.json or (--with-peft) peft_cuda.json; temporaries left by a killed writer are removed before the summary.
 #
 # Deadline: GPU_CHECK_DEADLINE seconds for the whole script (default 540 = 9 min, sized for an
 # H100/H200; a quick run takes about 3 min there). Each step runs under
@@ -183,6 +190,12 @@ if d:
               + f" {g(r.get('fwd_pct_clone'))} % of clone {g(r.get('fwd_x_ref'))}x ref"
               + f" | fwd+bwd {g(r.get('fb_us'))} us {g(r.get('fb_x_ref'))}x ref"
               + (f" | ERROR {r['error']}" if r.get("error") else ""))
+        for kv, k in list((r.get("kernels") or {}).items())[1:]:
+            print(f"    {kv}: ok={k.get('ok')} failed={k.get('failed')} err fwd={g(k.get('fwd_err'))}"
+                  f" grad={g(k.get('grad_err'))} | fwd {g(k.get('fwd_us'))} us"
+                  f" {g(k.get('fwd_pct_clone'))} % of clone {g(k.get('fwd_x_ref'))}x ref"
+                  f" {g(k.get('fwd_x_first'))}x first | fwd+bwd {g(k.get('fb_us'))} us"
+                  f" {g(k.get('fb_x_ref'))}x ref {g(k.get('fb_x_first'))}x first")
     if d.get("cut_short"):
         print(f"  CUT SHORT: {d['cut_short']}; not run: {d.get('shapes_not_run')}")
     elif not d.get("complete"):
@@ -192,10 +205,11 @@ if d:
     print("host_overhead_cuda.json (us per call, x torch.add): " + "; ".join(
         f"{k} {g(v.get('us'))} ({g(v.get('x_torch_add'))}x)"
         for k, v in d.get("results", {}).items()))
-d = load("kernels_cuda.json")
-if d:
+for name in ("kernels_cuda.json", "kernels_cuda_v2.json"):
+  d = load(name) if (name == "kernels_cuda.json" or os.path.exists(os.path.join(out, name))) else None
+  if d:
     rows = d.get("rows", [])
-    print(f"kernels_cuda.json: {len(rows)} rows, quick={d.get('meta', {}).get('quick')}")
+    print(f"{name}: {len(rows)} rows, quick={d.get('meta', {}).get('quick')}")
     for k, v in (d.get("summary") or {}).items():
         print(f"  {k}: tsvd {g(v.get('tsvd_ms'))} ms, baseline {g(v.get('baseline_ms'))} ms, "
               f"ratio {g(v.get('ratio'))}")
@@ -310,13 +324,25 @@ elif plan tests 150 30; then
 else
   GATING_SKIPPED="$GATING_SKIPPED tests"
 fi
+HAVE_V2=0
+[ -f csrc/cuda/kernels_v2.cu ] && HAVE_V2=1
+if [ $HAVE_V2 = 1 ] && [ -n "$tests" ] && plan tests_v2 120 30; then
+  # shellcheck disable=SC2086
+  if TSVD_CUDA_KERNELS=v2 run tests_v2 "$LIMIT" "$PY" -m pytest -m cuda $tests -q -rfEs \
+      -p no:cacheprovider; then
+    V2_TESTS="passed"
+  else
+    V2_TESTS="FAILED (see the log)"
+  fi
+fi
 
 # -- 3. benchmarks: the targets first, so a cut-short run still has them ----------
 if [ ! -f bench/trec_micro.py ]; then
   say "bench/trec_micro.py missing"; status=1
 elif plan trec_micro 150 45; then
   budget=$(( LIMIT - 30 < 100 ? LIMIT - 30 : 100 ))
-  run trec_micro "$LIMIT" "$PY" bench/trec_micro.py --device cuda --out "$OUT" --budget-s "$budget"
+  run trec_micro "$LIMIT" "$PY" bench/trec_micro.py --device cuda --out "$OUT" --budget-s "$budget" \
+      $([ $HAVE_V2 = 1 ] && echo --kernels v1,v2)
   rc=$?
   if [ $rc = 1 ]; then say "trec_micro: a correctness check failed or a shape raised (see trec_micro.json)"; status=1
   elif [ $rc != 0 ]; then say "bench/trec_micro.py failed (exit $rc)"; fi
@@ -334,6 +360,16 @@ elif plan kernels 150 30; then
   run kernels "$LIMIT" "$PY" bench/kernels.py --device cuda --json "$OUT/kernels_cuda.json" \
       $([ $FULL = 1 ] || echo --quick) --ops treconstruct treconstruct_fb tsvd tprod rfft irfft \
       || say "bench/kernels.py failed"
+fi
+if [ $HAVE_V2 = 1 ] && [ $WITH_PEFT = 0 ] && [ -f bench/kernels.py ] && plan kernels_v2 120 30; then
+  TSVD_CUDA_KERNELS=v2 run kernels_v2 "$LIMIT" "$PY" bench/kernels.py --device cuda \
+      --json "$OUT/kernels_cuda_v2.json" $([ $FULL = 1 ] || echo --quick) \
+      --ops treconstruct treconstruct_fb tprod rfft irfft \
+      || say "bench/kernels.py (v2) failed"
+fi
+
+if [ -f bench/tsvd_profile.py ] && plan tsvd_profile 90 20; then
+  run tsvd_profile "$LIMIT" "$PY" bench/tsvd_profile.py --device cuda || say "bench/tsvd_profile.py failed"
 fi
 
 # -- 4. LoRA-PT training-step benchmark (opt-in) ------------------------------------------
@@ -353,5 +389,6 @@ if [ -n "$GATING_SKIPPED" ]; then
   say "gating steps skipped:$GATING_SKIPPED (counted as failed)"; status=1
 fi
 summary
+[ -n "${V2_TESTS:-}" ] && say "CUDA tests with TSVD_CUDA_KERNELS=v2: $V2_TESTS (not gating)"
 say "gpu_check: status $status, total $(elapsed) s (deadline ${DEADLINE} s)${SKIPPED:+; skipped:$SKIPPED}"
 exit $status

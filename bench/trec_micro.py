@@ -36,6 +36,13 @@ effective bandwidth ``fwd_GBps`` (R read + output written, the same bytes) and i
 of the clone's, ``fwd_pct_clone`` (issue 13's goal: >= 70), ``fwd_x_ref`` =
 ref_fwd / fwd and ``fb_x_ref`` = ref_fb / fb (goal: >= 4).
 
+Kernel variants (--kernels, CUDA): ``v1,v2`` checks and times the op under each value of
+``TSVD_CUDA_KERNELS`` (v2: the fixed-length kernels of csrc/cuda/kernels_v2.cu, float32 and
+n3 in {12, 48}; v1: the default kernels), interleaved in the same rounds as the clone and
+the plain-PyTorch baselines. The first variant's figures are the row's top-level fields;
+every variant's are under ``kernels`` (``fwd_x_first`` / ``fb_x_first``: speed-up over
+the first). Default: ``default``, the environment as it is.
+
 Budget: --budget-s (default 100) counts from the start of the script; once it is spent no
 new measurement (correctness check or timing round) is started, the run says so, and the
 JSON marks the rows and the run as cut short (a row keeps the rounds it finished).
@@ -64,6 +71,18 @@ SHAPE_SETS = {
 }
 GOALS = {"fwd_pct_clone": 70.0, "fb_x_ref": 4.0}  # issue 13
 TOL = {"float32": 1e-4, "float64": 1e-10}
+KERNEL_VARIANTS = ("default", "v1", "v2")
+_ENV0 = os.environ.get("TSVD_CUDA_KERNELS")
+
+
+def set_kernels(kv: str) -> None:
+    """Selects the CUDA kernel variant read by the op on every call (``default``: the
+    environment the script started with)."""
+    v = _ENV0 if kv == "default" else kv
+    if v is None:
+        os.environ.pop("TSVD_CUDA_KERNELS", None)
+    else:
+        os.environ["TSVD_CUDA_KERNELS"] = v
 
 
 # --------------------------------------------------------------------------------------
@@ -110,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (default 0: torch's default)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--kernels", default="default",
+                   help="comma-separated TSVD_CUDA_KERNELS values to compare, e.g. v1,v2 "
+                        "(default: default, the environment as it is)")
     p.add_argument("--out", default=None,
                    help="folder for trec_micro.json (created if missing; default $OUT; "
                         "neither: no JSON)")
@@ -131,6 +153,11 @@ def check_args(p: argparse.ArgumentParser, a) -> None:
     for flag, v in (("--budget-s", a.budget_s), ("--tol", a.tol)):
         if v is not None and not (math.isfinite(v) and v > 0):
             p.error(f"{flag}: expected a positive number, got {v}")
+    a.kernel_list = [k.strip() for k in a.kernels.split(",")]
+    bad = [k for k in a.kernel_list if k not in KERNEL_VARIANTS]
+    if bad or len(set(a.kernel_list)) != len(a.kernel_list):
+        p.error(f"--kernels: expected distinct values among {', '.join(KERNEL_VARIANTS)}, "
+                f"got {a.kernels!r}")
     if a.out is None:
         a.out = os.environ.get("OUT") or None
     if a.out is not None and os.path.exists(a.out) and not os.path.isdir(a.out):
@@ -259,8 +286,10 @@ def correctness(shape, r, dtype, device, tol, seed, budget: Budget, op=None) -> 
     return checks
 
 
-def timing(shape, r, dtype, device, reps, warmup, inner, seed, budget: Budget) -> dict:
-    """Interleaved timing of clone / fwd / ref_fwd / fb / ref_fb; ms lists per candidate."""
+def timing(shape, r, dtype, device, reps, warmup, inner, seed, budget: Budget,
+           kernels=("default",)) -> dict:
+    """Interleaved timing of clone / fwd / ref_fwd / fb / ref_fb (and fwd@KV / fb@KV for
+    every kernel variant after the first); ms lists per candidate."""
     import torch
     from tsvd import reference as ref
     n3, n1, n2 = shape
@@ -274,17 +303,22 @@ def timing(shape, r, dtype, device, reps, warmup, inner, seed, budget: Budget) -
     def fb(f):
         return lambda: torch.autograd.grad(f(*leaves), leaves, G)
 
-    cands = {"clone": lambda: R.clone(),
-             "fwd": lambda: op(U, S, V, R),
-             "ref_fwd": lambda: ref.treconstruct(U, S, V, R),
-             "fb": fb(op),
-             "ref_fb": fb(ref.treconstruct)}
+    first = kernels[0]
+    cands = {"clone": (lambda: R.clone(), first),
+             "fwd": (lambda: op(U, S, V, R), first),
+             "ref_fwd": (lambda: ref.treconstruct(U, S, V, R), first),
+             "fb": (fb(op), first),
+             "ref_fb": (fb(ref.treconstruct), first)}
+    for kv in kernels[1:]:
+        cands[f"fwd@{kv}"] = (lambda: op(U, S, V, R), kv)
+        cands[f"fb@{kv}"] = (fb(op), kv)
     sample = make_sampler(device, inner)
     times = {k: [] for k in cands}
     for i in range(warmup + reps):
         if not budget.allows(f"timing round {i + 1} of {warmup + reps} {shape}"):
             break
-        for k, fn in cands.items():
+        for k, (fn, kv) in cands.items():
+            set_kernels(kv)
             t = sample(fn)
             if i >= warmup:
                 times[k].append(t)
@@ -298,7 +332,17 @@ def figures(shape, dtype, times: dict) -> dict:
         return {"reps_done": 0}
     med = {k: statistics.median(v) for k, v in times.items()}
     gbps = lambda ms: nbytes / (ms * 1e-3) / 1e9  # noqa: E731
-    return {
+    extra = {}
+    for k in med:
+        if k.startswith("fwd@"):
+            kv = k[4:]
+            fw, fbk = med[k], med[f"fb@{kv}"]
+            extra[kv] = {"fwd_us": fw * 1e3, "fwd_GBps": gbps(fw),
+                         "fwd_pct_clone": 100.0 * med["clone"] / fw,
+                         "fwd_x_ref": med["ref_fwd"] / fw, "fwd_x_first": med["fwd"] / fw,
+                         "fb_us": fbk * 1e3, "fb_x_ref": med["ref_fb"] / fbk,
+                         "fb_x_first": med["fb"] / fbk}
+    return {"kernel_figures": extra,
         "clone_us": med["clone"] * 1e3, "clone_GBps": gbps(med["clone"]),
         "fwd_us": med["fwd"] * 1e3, "fwd_GBps": gbps(med["fwd"]),
         "fwd_pct_clone": 100.0 * med["clone"] / med["fwd"],
@@ -324,6 +368,16 @@ def summarize(rows) -> dict:
         s["meets_goals"] = (len(done) == len(rows)
                             and s["min_fwd_pct_clone"] >= GOALS["fwd_pct_clone"]
                             and s["min_fb_x_ref"] >= GOALS["fb_x_ref"])
+        variants = {kv for r in done for kv in r.get("kernels", {})}
+        per = {}
+        for kv in sorted(variants):
+            ks = [r["kernels"][kv] for r in done if kv in r.get("kernels", {})]
+            if all("fwd_pct_clone" in k for k in ks) and ks:
+                per[kv] = {"min_fwd_pct_clone": min(k["fwd_pct_clone"] for k in ks),
+                           "min_fb_x_ref": min(k["fb_x_ref"] for k in ks),
+                           "ok": all(k["ok"] for k in ks)}
+        if per:
+            s["kernels"] = per
     return s
 
 
@@ -359,7 +413,7 @@ def main(argv=None) -> int:
     if a.out is not None:
         os.makedirs(a.out, exist_ok=True)
     if cuda:
-        torch.cuda.set_device(dev)
+        torch.cuda.set_device(dev.index if dev.index is not None else torch.cuda.current_device())
     if a.threads:
         torch.set_num_threads(a.threads)
     reps = a.reps or (30 if cuda else 5)
@@ -407,14 +461,36 @@ def main(argv=None) -> int:
             break
         row = {"shape": list(shape), "ok": False}
         try:
-            row["checks"] = correctness(shape, a.rank, dtype, dev, tol, a.seed, budget)
-            row["ok"] = len(row["checks"]) == 5 and all(c["ok"] for c in row["checks"].values())
-            row["fwd_err"] = max((c["err"] for k, c in row["checks"].items()
-                                  if k.startswith("fwd")), default=None)
-            row["grad_err"] = max((c["err"] for k, c in row["checks"].items()
-                                   if k.startswith("grad")), default=None)
-            times = timing(shape, a.rank, dtype, dev, reps, warmup, inner, a.seed, budget)
-            row.update(figures(shape, a.dtype, times))
+            kinfo = {}
+            for kv in a.kernel_list:
+                set_kernels(kv)
+                checks = correctness(shape, a.rank, dtype, dev, tol, a.seed, budget)
+                kinfo[kv] = {
+                    "checks": checks,
+                    "ok": len(checks) == 5 and all(c["ok"] for c in checks.values()),
+                    "fwd_err": max((c["err"] for k, c in checks.items() if k.startswith("fwd")),
+                                   default=None),
+                    "grad_err": max((c["err"] for k, c in checks.items()
+                                     if k.startswith("grad")), default=None)}
+            set_kernels(a.kernel_list[0])
+            first = kinfo[a.kernel_list[0]]
+            row["checks"] = first["checks"]
+            row["fwd_err"], row["grad_err"] = first["fwd_err"], first["grad_err"]
+            row["ok"] = len(kinfo) == len(a.kernel_list) and all(k["ok"] for k in kinfo.values())
+            times = timing(shape, a.rank, dtype, dev, reps, warmup, inner, a.seed, budget,
+                           kernels=a.kernel_list)
+            figs = figures(shape, a.dtype, times)
+            kfig = figs.pop("kernel_figures", {})
+            row.update(figs)
+            if a.kernel_list != ["default"]:
+                row["kernels"] = {}
+                for kv, k in kinfo.items():
+                    d = {"ok": k["ok"], "fwd_err": k["fwd_err"], "grad_err": k["grad_err"],
+                         "failed": [n for n, c in k["checks"].items() if not c["ok"]]}
+                    d.update(kfig.get(kv, {}))
+                    if kv != a.kernel_list[0]:
+                        d["checks"] = k["checks"]
+                    row["kernels"][kv] = d
         except Exception as e:  # noqa: BLE001  (recorded; the next shape still runs)
             row["error"] = f"{type(e).__name__}: {e}"
         if budget.stopped_before is not None:
@@ -433,6 +509,15 @@ def main(argv=None) -> int:
               + f" {_fmt(row.get('fwd_x_ref'))}x ref"
               + f"  fwd+bwd {_fmt(row.get('fb_us'))} us {_fmt(row.get('fb_x_ref'))}x ref"
               + (f"  ERROR {row['error']}" if "error" in row else ""), flush=True)
+        for kv, d in list(row.get("kernels", {}).items())[1:]:
+            print(f"{'':>14}  {kv}: ok={d['ok']}"
+                  + (f" (failed: {', '.join(d['failed'])})" if d["failed"] else "")
+                  + f"  err fwd {_fmt(d.get('fwd_err'))} grad {_fmt(d.get('grad_err'))}"
+                  + f"  fwd {_fmt(d.get('fwd_us'))} us {_fmt(d.get('fwd_pct_clone'))} % of clone"
+                  + f" {_fmt(d.get('fwd_x_ref'))}x ref {_fmt(d.get('fwd_x_first'))}x "
+                  + f"{a.kernel_list[0]}  fwd+bwd {_fmt(d.get('fb_us'))} us "
+                  + f"{_fmt(d.get('fb_x_ref'))}x ref {_fmt(d.get('fb_x_first'))}x "
+                  + f"{a.kernel_list[0]}", flush=True)
         if cuda:
             torch.cuda.empty_cache()
     if budget.stopped_before is not None:
