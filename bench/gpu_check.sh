@@ -5,14 +5,15 @@
 #                    (MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 pip install --no-build-isolation --no-deps -e .),
 #      sanity:       the build has CUDA kernels,
 #   2. tests:        the CUDA-marked tests (tests/test_cuda.py, tests/test_ext.py) -> junit.xml,
-#      tests_v2:     the same tests with TSVD_CUDA_KERNELS=v2 (the v2 kernels of
-#                    csrc/cuda/kernels_v2.cu; opt-in, so reported in the log, not gating),
+#      tests_v1:     the same tests with TSVD_CUDA_KERNELS=v1 (the v1 kernels, which the
+#                    default v2 kernels of csrc/cuda/kernels_v2.cu replaced for float32 and
+#                    n3 in {12, 48}; reported in the log, not gating),
 #   3. trec_micro:   bench/trec_micro.py --device cuda --kernels v1,v2 (fused reconstruction
 #                    vs clone and plain PyTorch, v1 and v2 kernels interleaved, NaN-poisoned
 #                    correctness of both) -> trec_micro.json,
 #      host_overhead: bench/host_overhead.py --device cuda -> host_overhead_cuda.json,
 #      kernels:      bench/kernels.py --device cuda (--quick unless --full) -> kernels_cuda.json,
-#      kernels_v2:   the same with TSVD_CUDA_KERNELS=v2 -> kernels_cuda_v2.json (not with
+#      kernels_v1:   the same with TSVD_CUDA_KERNELS=v1 -> kernels_cuda_v1.json (not with
 #                    --with-peft: the device tool brings back 8 files at most),
 #      tsvd_profile: bench/tsvd_profile.py --device cuda (t-SVD settings timed, where the time
 #                    goes under torch.profiler; printed to the log only),
@@ -21,7 +22,7 @@
 #   and a summary of the key figures of every JSON file (always, even when steps were skipped).
 # $OUT holds at most 8 files, flat (the device tool's limit): log (everything), build.log,
 # junit.xml, env.json, trec_micro.json, host_overhead_cuda.json, kernels_cuda.json, and
-# kernels_cuda_v2.json or (--with-peft) peft_cuda.json; temporaries left by a killed writer are removed before the summary.
+# kernels_cuda_v1.json or (--with-peft) peft_cuda.json; temporaries left by a killed writer are removed before the summary.
 #
 # Deadline: GPU_CHECK_DEADLINE seconds for the whole script (default 540 = 9 min, sized for an
 # H100/H200; a quick run takes about 3 min there). Each step runs under
@@ -205,7 +206,7 @@ if d:
     print("host_overhead_cuda.json (us per call, x torch.add): " + "; ".join(
         f"{k} {g(v.get('us'))} ({g(v.get('x_torch_add'))}x)"
         for k, v in d.get("results", {}).items()))
-for name in ("kernels_cuda.json", "kernels_cuda_v2.json"):
+for name in ("kernels_cuda.json", "kernels_cuda_v1.json"):
   d = load(name) if (name == "kernels_cuda.json" or os.path.exists(os.path.join(out, name))) else None
   if d:
     rows = d.get("rows", [])
@@ -326,13 +327,13 @@ else
 fi
 HAVE_V2=0
 [ -f csrc/cuda/kernels_v2.cu ] && HAVE_V2=1
-if [ $HAVE_V2 = 1 ] && [ -n "$tests" ] && plan tests_v2 120 30; then
+if [ $HAVE_V2 = 1 ] && [ -n "$tests" ] && plan tests_v1 120 30; then
   # shellcheck disable=SC2086
-  if TSVD_CUDA_KERNELS=v2 run tests_v2 "$LIMIT" "$PY" -m pytest -m cuda $tests -q -rfEs \
+  if TSVD_CUDA_KERNELS=v1 run tests_v1 "$LIMIT" "$PY" -m pytest -m cuda $tests -q -rfEs \
       -p no:cacheprovider; then
-    V2_TESTS="passed"
+    V1_TESTS="passed"
   else
-    V2_TESTS="FAILED (see the log)"
+    V1_TESTS="FAILED (see the log)"
   fi
 fi
 
@@ -361,11 +362,11 @@ elif plan kernels 150 30; then
       $([ $FULL = 1 ] || echo --quick) --ops treconstruct treconstruct_fb tsvd tprod rfft irfft \
       || say "bench/kernels.py failed"
 fi
-if [ $HAVE_V2 = 1 ] && [ $WITH_PEFT = 0 ] && [ -f bench/kernels.py ] && plan kernels_v2 120 30; then
-  TSVD_CUDA_KERNELS=v2 run kernels_v2 "$LIMIT" "$PY" bench/kernels.py --device cuda \
-      --json "$OUT/kernels_cuda_v2.json" $([ $FULL = 1 ] || echo --quick) \
+if [ $HAVE_V2 = 1 ] && [ $WITH_PEFT = 0 ] && [ -f bench/kernels.py ] && plan kernels_v1 120 30; then
+  TSVD_CUDA_KERNELS=v1 run kernels_v1 "$LIMIT" "$PY" bench/kernels.py --device cuda \
+      --json "$OUT/kernels_cuda_v1.json" $([ $FULL = 1 ] || echo --quick) \
       --ops treconstruct treconstruct_fb tprod rfft irfft \
-      || say "bench/kernels.py (v2) failed"
+      || say "bench/kernels.py (v1) failed"
 fi
 
 if [ -f bench/tsvd_profile.py ] && plan tsvd_profile 90 20; then
@@ -389,6 +390,6 @@ if [ -n "$GATING_SKIPPED" ]; then
   say "gating steps skipped:$GATING_SKIPPED (counted as failed)"; status=1
 fi
 summary
-[ -n "${V2_TESTS:-}" ] && say "CUDA tests with TSVD_CUDA_KERNELS=v2: $V2_TESTS (not gating)"
+[ -n "${V1_TESTS:-}" ] && say "CUDA tests with TSVD_CUDA_KERNELS=v1: $V1_TESTS (not gating)"
 say "gpu_check: status $status, total $(elapsed) s (deadline ${DEADLINE} s)${SKIPPED:+; skipped:$SKIPPED}"
 exit $status

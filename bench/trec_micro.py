@@ -38,7 +38,7 @@ ref_fwd / fwd and ``fb_x_ref`` = ref_fb / fb (goal: >= 4).
 
 Kernel variants (--kernels, CUDA): ``v1,v2`` checks and times the op under each value of
 ``TSVD_CUDA_KERNELS`` (v2: the fixed-length kernels of csrc/cuda/kernels_v2.cu, float32 and
-n3 in {12, 48}; v1: the default kernels), interleaved in the same rounds as the clone and
+n3 in {12, 48}, the default; v1: the kernels they replaced), interleaved in the same rounds as the clone and
 the plain-PyTorch baselines. The first variant's figures are the row's top-level fields;
 every variant's are under ``kernels`` (``fwd_x_first`` / ``fb_x_first``: speed-up over
 the first). Default: ``default``, the environment as it is.

@@ -246,5 +246,108 @@ TSVD_HOST_DEVICE TSVD_FORCEINLINE void yhat_fixed(int r, const V2* TSVD_RESTRICT
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// the v2 backward's per-tube bodies (kernels_v2.cu trec_bwd_prep_v2 / trec_bwd_post_v2; the
+// host harness of tests/test_cuda.py calls the same functions). With A_f = Uh_f diag(Sh_f),
+// Gh = rfft(G) and c_f = w_f / N (the adjoint of irfft), the two batched GEMMs between the
+// launches give
+//   P_f = Gh_f Vh_f          (n1 x r)      so gA_f = c_f P_f,
+//   Q_f = Gh_f^T conj(A_f)   (n2 x r)      so gB_f = (c Gh)^H A = c_f conj(Q_f),
+// and the factor gradients are adjoint rffts (sum_f Re(g_f e^{+i th}), the DC and Nyquist
+// imaginary parts dropped) of: gUh = gA conj(Sh), gSh = sum_i conj(Uh) gA, gVh = gB. Since
+// irdft_fixed applies the weights c_f itself, each is one irdft_fixed of an unweighted
+// product:
+//   gU[:, i, k]  = irdft(P[:, i, k] conj(Sh[:, k])),
+//   gS[:, k]     = sum_i irdft(conj(Uh[:, i, k]) P[:, i, k]),
+//   gV[:, j, k]  = irdft(conj(Q[:, j, k])).
+// V2: a struct of two T (.x, .y); tubes are read with stride `ts` (elements between t and
+// t + 1), spectra written / read with stride `fs` (entries between f and f + 1).
+// ---------------------------------------------------------------------------------------
+template <int N, typename T, typename V2>
+TSVD_HOST_DEVICE TSVD_FORCEINLINE void load_tube_rdft(const T* TSVD_RESTRICT x, int64_t ts,
+                                                      T (&yr)[N / 2 + 1], T (&yi)[N / 2 + 1]) {
+  T v[N];
+  static_for<N>([&](auto tt) {
+    constexpr int t = decltype(tt)::value;
+    v[t] = x[t * ts];
+  });
+  rdft_fixed<N, T>(v, yr, yi);
+}
+
+// prep, U tube (b, i, k): conjA_f = conj(Uh_f Sh_f) at ca[f * fs]
+template <int N, typename T, typename V2>
+TSVD_HOST_DEVICE TSVD_FORCEINLINE void bwd_prep_u(const T* u, int64_t us, const T* s, int64_t ss,
+                                                  V2* ca, int64_t fs) {
+  constexpr int F = N / 2 + 1;
+  T ur[F], ui[F], sr[F], si[F];
+  load_tube_rdft<N, T, V2>(u, us, ur, ui);
+  load_tube_rdft<N, T, V2>(s, ss, sr, si);
+  static_for<F>([&](auto ff) {
+    constexpr int f = decltype(ff)::value;
+    V2 o;
+    o.x = ur[f] * sr[f] - ui[f] * si[f];
+    o.y = -(ur[f] * si[f] + ui[f] * sr[f]);
+    ca[f * fs] = o;
+  });
+}
+
+// prep, V tube (b, j, k): Vh_f at vh[f * fs]
+template <int N, typename T, typename V2>
+TSVD_HOST_DEVICE TSVD_FORCEINLINE void bwd_prep_v(const T* v, int64_t vs, V2* vh, int64_t fs) {
+  constexpr int F = N / 2 + 1;
+  T vr[F], vi[F];
+  load_tube_rdft<N, T, V2>(v, vs, vr, vi);
+  static_for<F>([&](auto ff) {
+    constexpr int f = decltype(ff)::value;
+    V2 o;
+    o.x = vr[f];
+    o.y = vi[f];
+    vh[f * fs] = o;
+  });
+}
+
+// post, U tube (b, i, k): gU[t * gs] = irdft(P conj(Sh))[t]; and its term of gS: for each t,
+// add(t, irdft(conj(Uh) P)[t]) (the caller sums over i, e.g. with atomicAdd)
+template <int N, typename T, typename V2, typename AddS>
+TSVD_HOST_DEVICE TSVD_FORCEINLINE void bwd_post_u(const V2* p, int64_t fs, const T* u, int64_t us,
+                                                  const T* s, int64_t ss, T* gu, int64_t gs,
+                                                  AddS&& add_s) {
+  constexpr int F = N / 2 + 1;
+  T ur[F], ui[F], sr[F], si[F];
+  load_tube_rdft<N, T, V2>(u, us, ur, ui);
+  load_tube_rdft<N, T, V2>(s, ss, sr, si);
+  T ar[F], ai[F], br[F], bi[F];
+  static_for<F>([&](auto ff) {
+    constexpr int f = decltype(ff)::value;
+    const V2 pv = p[f * fs];
+    ar[f] = pv.x * sr[f] + pv.y * si[f];      // P conj(Sh)
+    ai[f] = pv.y * sr[f] - pv.x * si[f];
+    br[f] = ur[f] * pv.x + ui[f] * pv.y;      // conj(Uh) P
+    bi[f] = ur[f] * pv.y - ui[f] * pv.x;
+  });
+  irdft_fixed<N, T>(ar, ai, [&](auto tt, T val) {
+    constexpr int t = decltype(tt)::value;
+    gu[t * gs] = val;
+  });
+  irdft_fixed<N, T>(br, bi, [&](auto tt, T val) { add_s(decltype(tt)::value, val); });
+}
+
+// post, V tube (b, j, k): gV[t * gs] = irdft(conj(Q))[t]
+template <int N, typename T, typename V2>
+TSVD_HOST_DEVICE TSVD_FORCEINLINE void bwd_post_v(const V2* q, int64_t fs, T* gv, int64_t gs) {
+  constexpr int F = N / 2 + 1;
+  T yr[F], yi[F];
+  static_for<F>([&](auto ff) {
+    constexpr int f = decltype(ff)::value;
+    const V2 qv = q[f * fs];
+    yr[f] = qv.x;
+    yi[f] = -qv.y;
+  });
+  irdft_fixed<N, T>(yr, yi, [&](auto tt, T val) {
+    constexpr int t = decltype(tt)::value;
+    gv[t * gs] = val;
+  });
+}
+
 }  // namespace cuda_fixed
 }  // namespace tsvd

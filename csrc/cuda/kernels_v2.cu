@@ -1,7 +1,7 @@
 // The v2 CUDA kernels (issue 13), float32, for tube lengths fixed at compile time
-// (kV2Lengths: 12 and 48, the UNETR-Base LoRA-PT stacks). Selected by the glue only when
-// TSVD_CUDA_KERNELS=v2 (csrc/cuda/ops_cuda.cpp) until a GPU run has verified them; the v1
-// kernels (kernels.cu) stay the default and handle every other case.
+// (12 and 48, the UNETR-Base LoRA-PT stacks). The glue (csrc/cuda/ops_cuda.cpp) runs them
+// wherever they apply; TSVD_CUDA_KERNELS=v1 selects the v1 kernels (kernels.cu), which also
+// handle every other case (float64, other n3).
 //
 //   trec_prep_v2   one launch for the factor transforms: a2 = rfft(U) rfft(S) and
 //                  b2 = rfft(V), one thread per tube, in the layouts of the main kernel;
@@ -13,6 +13,8 @@
 //                  Per output element (N3 = 48, r = 8): ~23 instructions for the products
 //                  (one shared and half a global 8-byte load per 4 FMA) and ~13 FMA for the
 //                  inverse DFT, against ~225 for v1's kernel;
+//   trec_bwd_prep_v2 / trec_bwd_post_v2   the backward around the glue's rfft of G and two
+//                  batched complex GEMMs (bodies in fixed_dft.h);
 //   tube_rfft_v2   rfft along dim 1 of (B, N3, E) -> (B, F, E) complex (the backward's
 //                  transform of the output gradient, tprod's transforms);
 //   tube_irfft_v2  the inverse.
@@ -146,6 +148,59 @@ trec_fwd_v2(const float2* __restrict__ a2, const float2* __restrict__ b2,
       constexpr int t = decltype(tt)::value;
       __stcs(o + t * plane, v + rv[t]);
     });
+  }
+}
+
+// ------------------------------------------------------------------------------------
+// backward (bodies in fixed_dft.h): prep writes conj(A) (B, F, n1, r) and Vh (B, F, n2, r)
+// for the two batched GEMMs of the glue (P = Gh Vh, Q = Gh^T conj(A)); post turns P and Q
+// into gU, gS (atomicAdd over i into a zeroed gS) and gV. Threads: U tubes (b, i, k) then V
+// tubes (b, j, k), k fastest (coalesced).
+// ------------------------------------------------------------------------------------
+template <int N3>
+__global__ void __launch_bounds__(kV2Threads)
+trec_bwd_prep_v2(const float* __restrict__ U, const float* __restrict__ S,
+                 const float* __restrict__ V, float2* __restrict__ ca, float2* __restrict__ vh,
+                 int n1, int n2, int r, int64_t nU, int64_t nV) {
+  constexpr int F = N3 / 2 + 1;
+  int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx < nU) {
+    const int64_t k = idx % r, bi = idx / r, i = bi % n1, b = bi / n1;
+    const int64_t us = int64_t(n1) * r;
+    cuda_fixed::bwd_prep_u<N3, float, float2>(U + (b * N3 * n1 + i) * r + k, us,
+                                              S + b * N3 * r + k, r,
+                                              ca + (b * F * n1 + i) * r + k, us);
+  } else if (idx < nU + nV) {
+    idx -= nU;
+    const int64_t k = idx % r, bj = idx / r, j = bj % n2, b = bj / n2;
+    const int64_t vs = int64_t(n2) * r;
+    cuda_fixed::bwd_prep_v<N3, float, float2>(V + (b * N3 * n2 + j) * r + k, vs,
+                                              vh + (b * F * n2 + j) * r + k, vs);
+  }
+}
+
+template <int N3>
+__global__ void __launch_bounds__(kV2Threads)
+trec_bwd_post_v2(const float2* __restrict__ P, const float2* __restrict__ Q,
+                 const float* __restrict__ U, const float* __restrict__ S, float* __restrict__ gU,
+                 float* __restrict__ gS, float* __restrict__ gV, int n1, int n2, int r,
+                 int64_t nU, int64_t nV) {
+  constexpr int F = N3 / 2 + 1;
+  int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx < nU) {
+    const int64_t k = idx % r, bi = idx / r, i = bi % n1, b = bi / n1;
+    const int64_t us = int64_t(n1) * r;
+    float* gs = gS + b * N3 * r + k;
+    cuda_fixed::bwd_post_u<N3, float, float2>(
+        P + (b * F * n1 + i) * r + k, us, U + (b * N3 * n1 + i) * r + k, us, S + b * N3 * r + k,
+        r, gU + (b * N3 * n1 + i) * r + k, us,
+        [&](int t, float v) { atomicAdd(gs + int64_t(t) * r, v); });
+  } else if (idx < nU + nV) {
+    idx -= nU;
+    const int64_t k = idx % r, bj = idx / r, j = bj % n2, b = bj / n2;
+    const int64_t vs = int64_t(n2) * r;
+    cuda_fixed::bwd_post_v<N3, float, float2>(Q + (b * F * n2 + j) * r + k, vs,
+                                              gV + (b * N3 * n2 + j) * r + k, vs);
   }
 }
 
@@ -314,6 +369,37 @@ cudaError_t launch_treconstruct_fwd_v2(const float* U, const float* S, const flo
                       dim3(kStrip, kRowsPerPass), smem, s>>>(
         reinterpret_cast<const float2*>(a2), reinterpret_cast<const float2*>(b2), res, out,
         int(n1), int(n2), int(r), rows);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_treconstruct_bwd_prep_v2(const float* U, const float* S, const float* V,
+                                            float* ca, float* vh, int64_t B, int64_t n3,
+                                            int64_t n1, int64_t n2, int64_t r, cudaStream_t s) {
+  if (!v2_supported(n3, r, n1, n2)) return cudaErrorInvalidValue;
+  const int64_t nU = B * n1 * r, nV = B * n2 * r;
+  if (nU + nV == 0) return cudaSuccess;
+  return dispatch_n3(n3, [&](auto nn) {
+    constexpr int N3 = decltype(nn)::value;
+    trec_bwd_prep_v2<N3><<<unsigned(cdiv(nU + nV, kV2Threads)), kV2Threads, 0, s>>>(
+        U, S, V, reinterpret_cast<float2*>(ca), reinterpret_cast<float2*>(vh), int(n1), int(n2),
+        int(r), nU, nV);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_treconstruct_bwd_post_v2(const float* P, const float* Q, const float* U,
+                                            const float* S, float* gU, float* gS, float* gV,
+                                            int64_t B, int64_t n3, int64_t n1, int64_t n2,
+                                            int64_t r, cudaStream_t s) {
+  if (!v2_supported(n3, r, n1, n2)) return cudaErrorInvalidValue;
+  const int64_t nU = B * n1 * r, nV = B * n2 * r;
+  if (nU + nV == 0) return cudaSuccess;
+  return dispatch_n3(n3, [&](auto nn) {
+    constexpr int N3 = decltype(nn)::value;
+    trec_bwd_post_v2<N3><<<unsigned(cdiv(nU + nV, kV2Threads)), kV2Threads, 0, s>>>(
+        reinterpret_cast<const float2*>(P), reinterpret_cast<const float2*>(Q), U, S, gU, gS, gV,
+        int(n1), int(n2), int(r), nU, nV);
     return cudaGetLastError();
   });
 }

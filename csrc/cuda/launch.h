@@ -37,8 +37,8 @@ template <typename T>
 cudaError_t launch_treconstruct_bwd(const T* g, const T* a, const T* bk, T* ga, T* gb, int64_t B,
                                     int64_t n3, int64_t n1, int64_t n2, int64_t r, cudaStream_t s);
 
-// ---- v2 kernels (kernels_v2.cu): float32, n3 in {12, 48}; selected by the glue only when
-// TSVD_CUDA_KERNELS=v2. Layouts: U (B, n3, n1, r), S (B, n3, r), V (B, n3, n2, r) as the op
+// ---- v2 kernels (kernels_v2.cu): float32, n3 in {12, 48}; the glue's default where they
+// apply (TSVD_CUDA_KERNELS=v1: the kernels above). Layouts: U (B, n3, n1, r), S (B, n3, r), V (B, n3, n2, r) as the op
 // takes them; scratch a2 (B, n1, r, nf) and b2 (B, r, nf, n2) complex (2 floats each),
 // written by the prep launch and read by the main one; xh (B, nf, E) complex.
 bool v2_supported(int64_t n3, int64_t r, int64_t n1, int64_t n2);
@@ -47,6 +47,18 @@ cudaError_t launch_treconstruct_fwd_v2(const float* U, const float* S, const flo
                                        const float* res, float* out, float* a2, float* b2,
                                        int64_t B, int64_t n3, int64_t n1, int64_t n2, int64_t r,
                                        cudaStream_t s);
+
+// backward: prep writes conj(A) (B, nf, n1, r) and Vh (B, nf, n2, r) (complex) for the glue's
+// GEMMs P = Gh Vh (B, nf, n1, r) and Q = Gh^T conj(A) (B, nf, n2, r); post writes gU, gV and
+// adds into gS, which the caller zeroes first.
+cudaError_t launch_treconstruct_bwd_prep_v2(const float* U, const float* S, const float* V,
+                                            float* ca, float* vh, int64_t B, int64_t n3,
+                                            int64_t n1, int64_t n2, int64_t r, cudaStream_t s);
+
+cudaError_t launch_treconstruct_bwd_post_v2(const float* P, const float* Q, const float* U,
+                                            const float* S, float* gU, float* gS, float* gV,
+                                            int64_t B, int64_t n3, int64_t n1, int64_t n2,
+                                            int64_t r, cudaStream_t s);
 
 cudaError_t launch_tube_rfft_v2(const float* x, float* xh, int64_t B, int64_t n3, int64_t E,
                                 cudaStream_t s);

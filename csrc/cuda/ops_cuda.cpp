@@ -54,12 +54,13 @@ bool fused(int64_t n3) { return n3 / 2 + 1 <= tsvd::cuda::kMaxFusedFreq; }
 // n3 = 12, 0.21x at n3 = 48; hence cuFFT above 16. (The inverse was 1.27x and 0.99x: kept.)
 bool own_rfft(int64_t n3) { return n3 <= 16 && fused(n3); }
 
-// TSVD_CUDA_KERNELS=v2 selects the v2 kernels (kernels_v2.cu) where they apply: float32 and
-// n3 in {12, 48}. v1 stays the default until a GPU run has verified v2 (issue 13). Read on
-// every call (one getenv), so that a benchmark can time both in one process.
+// The v2 kernels (kernels_v2.cu) run where they apply, float32 and n3 in {12, 48}; they
+// passed the CUDA tests and the NaN-poisoned checks on an H200 (2026-12-04,
+// bench/results/h200_torch2.11_2026-12-04_v2/). TSVD_CUDA_KERNELS=v1 selects the v1 kernels
+// instead. Read on every call (one getenv), so that a benchmark can time both in one process.
 bool v2_enabled() {
   const char* e = std::getenv("TSVD_CUDA_KERNELS");
-  return e != nullptr && std::strcmp(e, "v2") == 0;
+  return e == nullptr || std::strcmp(e, "v1") != 0;
 }
 bool v2_tube(at::ScalarType real_type, int64_t n3) {
   return real_type == at::kFloat && (n3 == 12 || n3 == 48) && v2_enabled();
@@ -270,18 +271,33 @@ std::tuple<Tensor, Tensor, Tensor> treconstruct_backward_impl(const Tensor& grad
             at::zeros_like(S, at::MemoryFormat::Contiguous),
             at::zeros_like(V, at::MemoryFormat::Contiguous)};
   const int64_t nf = n3 / 2 + 1;
+  if (v2_tube(U.scalar_type(), n3) && tsvd::cuda::v2_supported(n3, r, n1, n2)) {
+    // v2: prep (conj(A), Vh) -> Gh = rfft(G) -> two batched complex GEMMs (cuBLAS through
+    // ATen; Gh^T is a transposed view, no copy) -> post (gU, gS, gV): six launches.
+    const Tensor u = U.contiguous(), s = S.contiguous(), v = V.contiguous();
+    Tensor scratch = at::empty({B * nf * (n1 + n2) * r * 2}, U.options());
+    const int64_t na = B * nf * n1 * r * 2;
+    C10_CUDA_CHECK(tsvd::cuda::launch_treconstruct_bwd_prep_v2(
+        u.data_ptr<float>(), s.data_ptr<float>(), v.data_ptr<float>(), scratch.data_ptr<float>(),
+        scratch.data_ptr<float>() + na, B, n3, n1, n2, r, stream_of(u)));
+    const Tensor ca = at::view_as_complex(scratch.narrow(0, 0, na).view({B, nf, n1, r, 2}));
+    const Tensor vh = at::view_as_complex(
+        scratch.narrow(0, na, B * nf * n2 * r * 2).view({B, nf, n2, r, 2}));
+    const Tensor gh = tube_rfft_impl(grad);
+    const Tensor P = at::matmul(gh, vh).contiguous();
+    const Tensor Q = at::matmul(gh.transpose(-2, -1), ca).contiguous();
+    Tensor gU = at::empty({B, n3, n1, r}, U.options());
+    Tensor gV = at::empty({B, n3, n2, r}, U.options());
+    Tensor gS = at::zeros({B, n3, r}, U.options());
+    C10_CUDA_CHECK(tsvd::cuda::launch_treconstruct_bwd_post_v2(
+        at::view_as_real(P).data_ptr<float>(), at::view_as_real(Q).data_ptr<float>(),
+        u.data_ptr<float>(), s.data_ptr<float>(), gU.data_ptr<float>(), gS.data_ptr<float>(),
+        gV.data_ptr<float>(), B, n3, n1, n2, r, stream_of(u)));
+    return {gU, gS, gV};
+  }
   const Factors fa = factors(U, S, V);
   Tensor gah, gbh;  // (B, nf, n1, r), (B, nf, n2, r): (c Gh) Vh and (c Gh)^H A
-  if (v2_tube(U.scalar_type(), n3)) {
-    // v2: Gh = rfft(G) by the fixed-length kernel (contiguous (B, nf, n1, n2)), then the two
-    // reductions as batched complex GEMMs (cuBLAS through ATen) with the weights c_f applied
-    // to their small results: gA = c (Gh Vh), gB = c (Gh^H A) = c conj(Gh^T conj(A)) (Gh^T
-    // is a transposed view: no copy of the large transform).
-    const Tensor c = freq_weights(n3, nf, 1.0, U.options()).view({1, nf, 1, 1});
-    const Tensor gh = tube_rfft_impl(grad);
-    gah = at::matmul(gh, fa.vh) * c;
-    gbh = at::conj_physical(at::matmul(gh.transpose(-2, -1), at::conj_physical(fa.ah))) * c;
-  } else if (!fused(n3)) {
+  if (!fused(n3)) {
     const Tensor c = freq_weights(n3, nf, 1.0, U.options()).view({1, nf, 1, 1});
     const Tensor gh = at::fft_rfft(grad, std::nullopt, 1) * c;
     gah = at::matmul(gh, fa.vh);
