@@ -155,6 +155,62 @@ def test_zero_and_rank_deficient_slices(seed):
     assert torch.allclose(xk[2], x[2], atol=1e-10)
 
 
+@pytest.fixture
+def small_linalg_on_host(monkeypatch):
+    """The path CUDA tensors take by default (SMALL_LINALG "auto"): Rayleigh-Ritz SVD through
+    CholeskyQR2 of Bᴴ and an l x l SVD, bounds' eigenvalues on the CPU; forced on CPU tensors."""
+    monkeypatch.setattr(_lowrank, "SMALL_LINALG", "host")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cplx", [False, True])
+def test_host_small_linalg_matches_float64_svd(small_linalg_on_host, dtype, cplx):
+    """Same contract as test_topk_matches_float64_svd with the host path of the small
+    factorisations, and the same result as the device path up to rounding."""
+    k, n1, n2 = 5, 150, 60
+    x = decaying((2, 3), n1, n2, cplx=cplx, seed=n1)
+    x = x.to({(torch.float32, True): torch.complex64, (torch.float64, True): torch.complex128}
+             .get((dtype, cplx), dtype))
+    u, s, v, info = _lowrank.topk_svd(x, k, cost_model=False)
+    assert info["fallback"] == 0 and info["iterations"] >= 1
+    err, so = rel_err_principal(u, s, v, x, k)
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    gap = ((so[..., :k] ** 2).sum(-1) / (so[..., k - 1] ** 2 - so[..., k] ** 2)).max()
+    assert err ** 2 <= 2 * tol * gap
+    assert np.abs(s.double().numpy() - so[..., :k]).max() <= tol * so[..., 0].min()
+    eps = 1e-5 if dtype == torch.float32 else 1e-12
+    assert orth_err(u) < eps and orth_err(v) < eps
+    assert info["est_b"] * so[..., 0].min() >= np.abs(s.double().numpy() - so[..., :k]).max()
+    _lowrank.SMALL_LINALG = "device"
+    u2, s2, v2, info2 = _lowrank.topk_svd(x, k, cost_model=False)
+    assert info2["iterations"] == info["iterations"]
+    assert np.abs(s.double().numpy() - s2.double().numpy()).max() <= 10 * tol * so[..., 0].min()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_host_small_linalg_rank_deficient_slices(small_linalg_on_host, seed):
+    """Zero and rank-2 slices through the host path: CholeskyQR2 of a rank-deficient Bᴴ falls
+    back to Householder QR, and zero singular values stay zero to float64 precision."""
+    k = 5
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(3, 40, 30, dtype=torch.float64)
+    x[1] = decaying((), 40, 30, cplx=False, noise=0.0, seed=7)
+    x[2] = (torch.randn(40, 2, dtype=torch.float64, generator=g)
+            @ torch.randn(2, 30, dtype=torch.float64, generator=g))
+    u, s, v, info = _lowrank.topk_svd(x, k, oversample=4, cost_model=False)
+    _, so, _ = np_svd(x)
+    assert np.abs(s.numpy() - so[..., :k]).max() < 1e-9 * so.max()
+    xk = (u * s[..., None, :]) @ v.mT
+    assert torch.allclose(xk[0], torch.zeros(40, 30, dtype=torch.float64))
+    assert torch.allclose(xk[2], x[2], atol=1e-10)
+
+
+def test_small_linalg_bad_value_names_the_setting(monkeypatch):
+    monkeypatch.setattr(_lowrank, "SMALL_LINALG", "gpu")
+    with pytest.raises(ValueError, match="SMALL_LINALG"):
+        _lowrank.topk_svd(decaying((1,), 30, 20, cplx=False), 3, cost_model=False)
+
+
 # --------------------------------------------------------------------------------------
 # through the public API: transforms, real DC/Nyquist slices
 # --------------------------------------------------------------------------------------

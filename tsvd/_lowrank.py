@@ -84,6 +84,17 @@ SHARP_WITHIN = 100.0
 #: 12x3072x768 (3.0); bench/results/cpu_2core_topk_2026-12-04/quick_run4.log. (An earlier
 #: value, 5.5, came from a loaded machine, where the LAPACK SVD slows far more than matmul.)
 FULL_SVD_COST = 3.0
+#: where the small dense factorisations of each iteration run: the Rayleigh-Ritz SVD of the
+#: projected ``B (a, l, n2)`` and the ``l x l`` eigenvalue problems of the bounds. "device":
+#: on x's device (B's SVD directly); "host": B = Rᴴ Q_Bᴴ by CholeskyQR2 on x's device, then the
+#: SVD of the ``l x l`` Rᴴ and the bounds' eigenvalues on the CPU (the same factorisation up to
+#: rounding: Rᴴ = B Q_B has B's singular values and left vectors, the right ones are Q_B Z).
+#: "auto" (default): "host" for CUDA tensors, "device" otherwise. Why: on an H200 (torch 2.11,
+#: 2026-12-04, bench/results/h200_torch2.11_2026-12-04_v2/gpu_check.log, bench/tsvd_profile.py)
+#: a t-SVD of 48x768x768 at k = 8 took 240 ms, of which cuSOLVER's batched SVD of B (complex128,
+#: 48 x 768 per slice) was 113 ms of device time and the bounds' eigvalsh 69 ms. The "host"
+#: path has not been timed on a GPU yet.
+SMALL_LINALG = "auto"
 
 
 def last_info() -> dict:
@@ -126,7 +137,7 @@ def plan(n1: int, n2: int, k: int, l: int, complex_: bool, max_iter: int | None 
 
 
 def contract_bounds(sig: torch.Tensor, rn: torch.Tensor, k: int,
-                    gram: torch.Tensor | None = None, max_splits: int = 6):
+                    gram: torch.Tensor | None = None, max_splits: int = 6, host: bool = False):
     """Upper bounds on the contract errors from Ritz values and residuals.
 
     Args:
@@ -137,6 +148,7 @@ def contract_bounds(sig: torch.Tensor, rn: torch.Tensor, k: int,
             residual vectors (the coupling of the Ritz vectors to the rest in ``X Xᴴ``), or
             None to bound its eigenvalues by its trace.
         max_splits: at most this many split points j (evenly spaced in ``k..l-1``) are tried.
+        host: compute the ``l x l`` eigenvalues on the CPU (see :data:`SMALL_LINALG`).
     Returns:
         ``(est_a, est_b)``, each ``(a,)``: bounds on (a) / ‖X_k‖_F² and (b) / σ_1.
 
@@ -180,9 +192,13 @@ def contract_bounds(sig: torch.Tensor, rn: torch.Tensor, k: int,
         m2 = mask[:, :, None] * mask[:, None, :]
         sc = torch.where(gd > 0, gd.rsqrt(), torch.zeros_like(gd))
         corr = g * (sc[:, :, None] * sc[:, None, :])         # unit diagonal where g_m > 0
+        m_ev, m_cn = g[:, None] * m2, corr[:, None] * m2
+        if host:
+            m_ev, m_cn = m_ev.cpu(), m_cn.cpu()
         with _one_thread():
-            ev = torch.linalg.eigvalsh(g[:, None] * m2).flip(-1).clamp_min(0)  # (a, J, l)
-            cn = torch.linalg.eigvalsh(corr[:, None] * m2)[..., -1].clamp_min(0)  # (a, J)
+            ev = torch.linalg.eigvalsh(m_ev).flip(-1).clamp_min(0)  # (a, J, l)
+            cn = torch.linalg.eigvalsh(m_cn)[..., -1].clamp_min(0)  # (a, J)
+        ev, cn = ev.to(sig.device), cn.to(sig.device)
         lam1, kf = ev[..., 0], ev[..., :k].sum(-1)
     thk = th[:, None, :k]                                    # (a, 1, k)
     # (b): per i, closed-form minimum over t, then the best split
@@ -283,6 +299,29 @@ def _orthonormal_columns(v):
     return q * ph[..., None, :]
 
 
+def _small_on_host(device: torch.device) -> bool:
+    mode = SMALL_LINALG
+    if mode not in ("auto", "host", "device"):
+        raise ValueError(f"tsvd._lowrank.SMALL_LINALG: expected 'auto', 'host' or 'device', "
+                         f"got {mode!r}")
+    return mode == "host" or (mode == "auto" and device.type == "cuda")
+
+
+def _svd_wide(b, host: bool):
+    """Thin SVD ``b = W diag(σ) Vᴴ`` of wide ``b (a, l, n)`` (l <= n): ``(W, σ, Vᴴ)``. host: with
+    ``bᴴ = Q R`` (CholeskyQR2 on b's device, :func:`_orth`), ``b Q = Rᴴ`` is ``l x l``; its SVD
+    ``W Σ Zᴴ`` runs on the CPU and ``Vᴴ = Zᴴ Qᴴ``."""
+    if not host:
+        with _one_thread():
+            return torch.linalg.svd(b, full_matrices=False)
+    q = _orth(b.mH)                                             # (a, n, l)
+    rh = b @ q                                                  # (a, l, l)
+    with _one_thread():
+        w, sig, zh = torch.linalg.svd(rh.cpu(), full_matrices=False)
+    dev = b.device
+    return w.to(dev), sig.to(dev), zh.to(dev) @ q.mH
+
+
 def _full(x, k):
     u, s, vh = torch.linalg.svd(x, full_matrices=False)
     return u[..., :k], s[..., :k], vh[..., :k, :].mH
@@ -325,6 +364,7 @@ def topk_svd(x: torch.Tensor, k: int, *, oversample: int | None = None,
     l = min(p, k + max(int(oversample), 1))
     xb = x.detach().reshape(-1, n1, n2)
     nb = xb.shape[0]
+    host = _small_on_host(x.device)
     if cost_model:
         use_iter, budget = plan(n1, n2, k, l, dt.is_complex, max_iter)
     else:
@@ -360,8 +400,7 @@ def topk_svd(x: torch.Tensor, k: int, *, oversample: int | None = None,
             b = q.mH @ xa                                             # (a, l, n2)
             # SVD of B itself in float64 (not eigh of B Bᴴ, whose rounding of σ̂² would put
             # singular values below sqrt(eps) σ_1 up to ~1e-8 σ_1 above the true ones)
-            with _one_thread():
-                w, sig, vh_ = torch.linalg.svd(b.to(hdt), full_matrices=False)
+            w, sig, vh_ = _svd_wide(b.to(hdt), host)
             v = vh_.mH.to(dt)                                         # (a, n2, l) = Bᴴ W / σ̂
             y = xa @ v                                                # X V  (a, n1, l)
             uu = q @ w.to(dt)                                         # (a, n1, l)
@@ -385,7 +424,7 @@ def topk_svd(x: torch.Tensor, k: int, *, oversample: int | None = None,
                     return torch.log(tol / e.clamp_min(tiny)).clamp_max(0) / torch.log(rate)
                 sharp |= it + need(cheap) > budget
             if bool(sharp.any()):
-                sa, sb = contract_bounds(sig[sharp], rn[sharp], k, gram[sharp])
+                sa, sb = contract_bounds(sig[sharp], rn[sharp], k, gram[sharp], host=host)
                 est_a[sharp] = torch.minimum(est_a[sharp], sa)
                 est_b[sharp] = torch.minimum(est_b[sharp], sb)
             est = torch.maximum(est_a, est_b)
