@@ -97,7 +97,8 @@ class FakeTrainer:
 def _settings(**kw):
     S = dict(PL.FULL, protocols=["neuromorphometrics", "harvard-oxford"], seeds=3, epochs=2,
              samples_per_epoch=4, batch_size=2, n_train=8, n_valid=2, n_test=3,
-             regimes={"full-data": 1.0, "low-data": 0.25})
+             regimes={"full-data": 1.0, "low-data": 0.25},
+             no_extend=True)   # the fake scores put many winners at grid ends: counts stay fixed
     S.update(kw)
     return S
 
@@ -662,6 +663,51 @@ def test_chosen_rate_at_grid_edge_is_flagged(setup):
     assert "| decoder-only | – | 0.0125 † |" in md and "| LoRA-PT | 8 | 0.005 |" in md
     assert "† chosen rate at an end of its grid" in md
     assert "decoder-only: 0.0125, highest of 0.002, 0.005, 0.0125" in md
+
+
+class BeyondGridTrainer(FakeTrainer):
+    """Validation Dice peaked at 3e-2 for LoRA-PT (beyond its grid's top, 1.25e-2), rising
+    with the rate for the decoder, peaked at 5e-3 (inside the grid) for LoRA."""
+
+    def train(self, cfg, out, **kw):
+        summ = super().train(cfg, out, **kw)
+        lr, m = cfg["train"]["lr"], cfg["adapter"]["method"]
+        peak = {"lorapt": 3e-2, "lora": 5e-3}.get(m)
+        summ["best_val_dice"] = 0.5 + lr if peak is None else 0.8 - abs(math.log(lr / peak)) / 10
+        self.lrs = getattr(self, "lrs", []) + [(m, lr, cfg["train"]["seed"])]
+        return summ
+
+
+def test_grid_extends_until_the_best_rate_is_bracketed(setup):
+    """A sweep whose best rate is at an end of its grid trains one more rate beyond it (the
+    grid's ratio, 2.5), at most EXTEND_GRID times; every variant under the same rule; the final
+    runs use the choice after the extensions; a rate still at an end keeps its flag."""
+    assert PL.EXTEND_GRID == 2
+    S = _settings(seeds=2, regimes={"full-data": 1.0}, protocols=["neuromorphometrics"],
+                  no_extend=False)
+    fake = BeyondGridTrainer()
+    cmp = _comparison(setup, fake, S=S, variants="decoder,lora:8,lorapt:8", grid=dict(PL.LR_GRID))
+    cmp.run()
+    ch = json.loads((setup[2] / "lr_choice.json").read_text())
+    dec, lora, lpt = (ch[f"full-data/neuromorphometrics/{n}"]
+                      for n in ("decoder", "lora-r8", "lorapt-r8"))
+    # LoRA: peak inside the grid, no extension
+    assert (lora["lr"], lora["at_grid_edge"], len(lora["grid"])) == (5e-3, None, 3)
+    # LoRA-PT: 3.125e-2 wins after one extension, a second (7.812e-2) brackets it
+    assert lpt["grid"] == [2e-3, 5e-3, 1.25e-2, 3.125e-2, 7.812e-2]
+    assert (lpt["lr"], lpt["at_grid_edge"]) == (3.125e-2, None)
+    # decoder: still rising after two extensions, flagged
+    assert dec["grid"] == [2e-3, 5e-3, 1.25e-2, 3.125e-2, 7.812e-2]
+    assert (dec["lr"], dec["at_grid_edge"]) == (7.812e-2, "highest")
+    finals = [(m, lr) for m, lr, seed in fake.lrs if seed == 1]
+    assert sorted(finals) == [("decoder", 7.812e-2), ("lora", 5e-3), ("lorapt", 3.125e-2)]
+    # 3 + 3 + 3 sweep runs, 2 + 0 + 2 extensions, 3 seed-1 finals (seed 0 reuses the sweep)
+    assert len(fake.lrs) == 9 + 4 + 3
+    # resumed: nothing is trained again
+    fake2 = BeyondGridTrainer()
+    _comparison(setup, fake2, S=S, variants="decoder,lora:8,lorapt:8",
+                grid=dict(PL.LR_GRID)).run()
+    assert getattr(fake2, "lrs", []) == []
 
 
 # ------------------------------------------------------------------------------------------

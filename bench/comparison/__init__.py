@@ -62,8 +62,10 @@ handed to ``train()``):
 4. Learning rate, per method (``--sweep method``, default): each variant trains every rate
    of its grid (``--lrs``; three per method by default, see ``plan.LR_GRID`` for why those)
    with seed 0 on the first regime and protocol; the highest validation Dice wins (ties: the
-   smaller rate) and is used for that variant everywhere (``lr_choice.json``). A chosen rate
-   at an end of its grid is flagged (``at_grid_edge`` in ``lr_choice.json``,
+   smaller rate) and is used for that variant everywhere (``lr_choice.json``). When the best
+   rate is at an end of its grid, one more rate beyond that end (the grid's ratio) is trained
+   and the choice made again, at most twice (``plan.EXTEND_GRID``; not in ``--quick``); a
+   chosen rate still at an end is flagged (``at_grid_edge`` in ``lr_choice.json``,
    ``lr_at_grid_edge`` in the summary, † in ``results.md``): the grid did not bracket the
    optimum there. ``--sweep cell`` sweeps every (regime, protocol, variant) instead
    (about twice the time). A final run whose configuration is a sweep run's (seed 0 at the

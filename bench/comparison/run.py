@@ -518,8 +518,26 @@ class Comparison:
         sweep = [i for i, j in enumerate(jobs) if j["phase"] == "sweep"]
         final = [i for i, j in enumerate(jobs) if j["phase"] == "final"]
         self._run_phase(jobs, sweep)
-        for key in dict.fromkeys(jobs[i]["key"] for i in sweep):
+        keys = list(dict.fromkeys(jobs[i]["key"] for i in sweep))
+        for key in keys:
             self._choose(key)
+        # bracketing (P.EXTEND_GRID): one more rate beyond an end that won, then choose again
+        for _ in range(0 if self.S.get("no_extend") else P.EXTEND_GRID):
+            extra = [e for e in (P.extension_job([jobs[i] for i in sweep],
+                                                    self.lr_choice[key]) for key in keys) if e]
+            if not extra:
+                break
+            idx = list(range(len(jobs), len(jobs) + len(extra)))
+            jobs.extend(extra)
+            self._total = len(jobs)
+            for i in idx:
+                self._est[i] = self.estimate_run(jobs[i], cal)
+            sweep += idx
+            self.log(f"extending {len(extra)} learning-rate grid(s) whose best rate is at an "
+                     f"end: " + ", ".join(f"{e['key']} lr={fmt_lr(e['lr'])}" for e in extra))
+            self._run_phase(jobs, idx)
+            for key in keys:
+                self._choose(key)
         for i in final:
             jobs[i]["lr"] = self.lr_choice[jobs[i]["key"]]["lr"]
         self._run_phase(jobs, final)
