@@ -880,6 +880,21 @@ def test_evaluate_empty_predictions_reach_the_run(setup):
 CAL_2026_11_27 = {"step_s": {}, "setup_s": {}, "fwd_s": 0.34, "case_s": 0.15}
 
 
+def test_regimes_option_selects_regimes_and_names_errors():
+    p = CLI.build_parser()
+    S = CLI.settings_from_args(p.parse_args(["--regimes", "low-data"]))
+    assert S["regimes"] == {"low-data": 0.25}
+    S = CLI.settings_from_args(p.parse_args([]))
+    assert S["regimes"] == {"full-data": 1.0, "low-data": 0.25}
+    for bad in (["--regimes", "half"], ["--regimes", "low-data", "--low-data-fraction", "0"],
+                ["--regimes", "full-data,full-data"], ["--regimes", ","]):
+        with pytest.raises(CM.CompareError, match="--regimes"):
+            CLI.settings_from_args(p.parse_args(bad))
+    js = PL.jobs(CLI.settings_from_args(p.parse_args(["--regimes", "low-data", "--seeds", "1"])),
+                 PL.parse_variants("decoder"), {"decoder": [5e-3]})
+    assert {j["regime"] for j in js} == {"low-data"}
+
+
 def test_quick_plan_fits_twenty_minutes():
     p = CLI.build_parser()
     args = p.parse_args(["--quick"])

@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--low-data-fraction", type=float,
                     help="fraction of the training subjects of the low-data regime "
                     "(default 0.25; --quick: 0); 0 leaves the low-data regime out")
+    ap.add_argument("--regimes", help="comma-separated regimes to run, among full-data and "
+                    "low-data (default: both, or full-data alone with --low-data-fraction 0); "
+                    "with --lrs METHOD=LR (the rates another plan chose), a second plan adds a "
+                    "regime or protocol without repeating that plan's runs")
     ap.add_argument("--sweep", choices=["method", "cell"],
                     help="method (default): each variant's learning rate is chosen once, on "
                     "the first regime and protocol, and used everywhere; cell: a sweep for "
@@ -101,7 +105,7 @@ def settings_from_args(args) -> dict:
     """The comparison's settings from parsed arguments (:func:`.plan.check_settings`)."""
     return P.check_settings(
         args.quick, protocols=args.protocols, low_data_fraction=args.low_data_fraction,
-        sweep=args.sweep, seeds=args.seeds, epochs=args.epochs,
+        sweep=args.sweep, regimes=args.regimes, seeds=args.seeds, epochs=args.epochs,
         samples_per_epoch=args.samples_per_epoch, batch_size=args.batch_size,
         n_train=args.n_train, n_valid=args.n_valid, n_test=args.n_test,
         test_start=args.test_start, preset=args.preset)

@@ -252,11 +252,12 @@ _INT_SETTINGS = ("seeds", "epochs", "samples_per_epoch", "batch_size", "n_train"
 
 
 def check_settings(quick: bool = False, *, protocols=None, low_data_fraction=None,
-                   sweep=None, **over) -> dict:
+                   sweep=None, regimes=None, **over) -> dict:
     """The settings (:data:`FULL` or :data:`QUICK`) with the command line's overrides
     (``over``: the integer settings, ``test_start`` and ``preset``; None keeps the default),
     checked. ``low_data_fraction``: the low-data regime's share (default 0.25, quick 0; 0:
-    none)."""
+    none). ``regimes``: comma-separated names of the regimes to run (default: all of them),
+    so that a later plan can add a regime without repeating the runs of another."""
     S = copy.deepcopy(QUICK if quick else FULL)
     if protocols:
         S["protocols"] = [p.strip() for p in protocols.split(",") if p.strip()]
@@ -282,6 +283,14 @@ def check_settings(quick: bool = False, *, protocols=None, low_data_fraction=Non
     S["regimes"] = {"full-data": 1.0}
     if f > 0:
         S["regimes"]["low-data"] = float(f)
+    if regimes:
+        keep = [r.strip() for r in regimes.split(",") if r.strip()]
+        bad = [r for r in keep if r not in S["regimes"]]
+        if bad or not keep or len(set(keep)) != len(keep):
+            raise CompareError(
+                f"--regimes: expected distinct names among {', '.join(S['regimes'])} "
+                f"(low-data needs --low-data-fraction > 0), got {regimes!r}")
+        S["regimes"] = {r: S["regimes"][r] for r in keep}
     return S
 
 
