@@ -880,6 +880,25 @@ def test_evaluate_empty_predictions_reach_the_run(setup):
 CAL_2026_11_27 = {"step_s": {}, "setup_s": {}, "fwd_s": 0.34, "case_s": 0.15}
 
 
+def test_stability_columns_by_hand():
+    """dice_max_dev = max |seed − mean| (None for one seed); val_zero_runs counts runs whose
+    best validation Dice is 0 or missing; both in summary.csv and results.md."""
+    def run(seed, test, val):
+        return {"regime": "full-data", "protocol": "nm", "variant": "lorapt-r8",
+                "method": "lorapt", "rank": 8, "train_decoder": True, "lr": 5e-3,
+                "seed": seed, "test_dice": test, "test_hd95_mm": 5.0, "val_dice": val,
+                "final": True}
+    vs = PL.parse_variants("lorapt:8")
+    summ = R.aggregate([run(0, 0.70, 0.7), run(1, 0.64, 0.0), run(2, 0.73, None)], vs)
+    assert summ[0]["dice_max_dev"] == pytest.approx(0.05)      # mean 0.69: |0.64 − 0.69|
+    assert summ[0]["val_zero_runs"] == 2
+    assert R.aggregate([run(0, 0.7, 0.7)], vs)[0]["dice_max_dev"] is None
+    S = _settings(seeds=3, regimes={"full-data": 1.0}, protocols=["nm"])
+    md = R.markdown(summ, S, 4)
+    assert "runs whose best validation Dice is 0): nm LoRA-PT r8: 0.050, 2 at 0" in md
+    assert "dice_max_dev" in R.SUMMARY_FIELDS and "val_zero_runs" in R.SUMMARY_FIELDS
+
+
 def test_regimes_option_selects_regimes_and_names_errors():
     p = CLI.build_parser()
     S = CLI.settings_from_args(p.parse_args(["--regimes", "low-data"]))

@@ -31,7 +31,8 @@ MIN_PAIRS = 6
 #: (reference − this row), ``paired_p`` the two-sided Wilcoxon p (empty when ``paired_note``
 #: says why not).
 SUMMARY_FIELDS = ["regime", "protocol", "variant", "method", "rank", "train_decoder", "lr",
-                  "lr_at_grid_edge", "seeds", "dice_mean", "dice_std", "hd95_mean", "hd95_std",
+                  "lr_at_grid_edge", "seeds", "dice_mean", "dice_std", "dice_max_dev",
+                  "val_zero_runs", "hd95_mean", "hd95_std",
                   "empty_predictions", "predictions", "paired_reference", "paired_n",
                   "paired_median_dice_diff", "paired_p", "paired_note",
                   "trainable_parameters", "adapter_parameters", "artefact_bytes",
@@ -92,6 +93,10 @@ def aggregate(runs: list[dict], variants: list[dict], lr_choice: dict | None = N
             "seeds": [r["seed"] for r in rs if r["seed"] is not None],
             "train_subjects": first("train_subjects"),
             "dice": seed_stats([r["test_dice"] for r in rs]),
+            # issue 12's collapse check: how far a seed's test Dice lies from the seeds' mean
+            # (None with fewer than 2 seeds), and the runs whose best validation Dice is 0
+            "dice_max_dev": _max_dev([r["test_dice"] for r in rs]),
+            "val_zero_runs": sum(1 for r in rs if not (r.get("val_dice") or 0) > 0),
             "hd95_mm": seed_stats([r["test_hd95_mm"] for r in rs]),
             # sample std over the test subjects, averaged over the seeds
             "dice_std_subjects": seed_stats([r.get("test_dice_std_cases") for r in rs])["mean"],
@@ -114,6 +119,14 @@ def aggregate(runs: list[dict], variants: list[dict], lr_choice: dict | None = N
         ref = paired_reference(s, out)
         s["paired_reference"] = next((t for t in s["paired"] if t["reference"] == ref), None)
     return out
+
+
+def _max_dev(values):
+    xs = [float(x) for x in values if x is not None and math.isfinite(float(x))]
+    if len(xs) < 2:
+        return None
+    m = sum(xs) / len(xs)
+    return max(abs(x - m) for x in xs)
 
 
 def _sum_or_none(values):
@@ -304,6 +317,15 @@ def markdown(summ: list[dict], S: dict, steps: int) -> str:
                           f"{s['lr_at_grid_edge']} of "
                           f"{', '.join(fmt_lr(x) for x in s.get('lr_grid') or [])}"
                           for s in edge)]
+        stab = [s for s in rs if s["method"] != PRIOR["method"] and (
+            s.get("dice_max_dev") is not None or s.get("val_zero_runs"))]
+        if stab:
+            lines += ["", "Stability over seeds (largest distance of one seed's test Dice from "
+                      "the seeds' mean; runs whose best validation Dice is 0): " + "; ".join(
+                          f"{s['protocol']} {variant_label(s)}: "
+                          + ("n/a" if s.get("dice_max_dev") is None
+                             else f"{s['dice_max_dev']:.3f}")
+                          + f", {s.get('val_zero_runs', 0)} at 0" for s in stab)]
         lines.append("")
         tests = [t for s in rs for t in s.get("paired", [])]
         if tests:
