@@ -215,21 +215,29 @@ API(float, f)
 """
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
+def build_harness(tmp_path_factory, name: str, source: str, header: str, functions,
+                  opt: str = "-O2"):
+    """Compiles ``source`` (a host harness of ``header``) with the system C++ compiler into a
+    shared library; its ``functions`` return int. Skips without a compiler."""
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
-        pytest.skip("no C++ compiler to build the host harness of csrc/cuda/column_dft.h")
-    d = tmp_path_factory.mktemp("cuda_harness")
-    src, lib = d / "harness.cpp", d / "harness.so"
-    src.write_text(HARNESS)
-    subprocess.run([cxx, "-std=c++17", "-O2", "-shared", "-fPIC", f"-I{CSRC}", str(src), "-o",
+        pytest.skip(f"no C++ compiler to build the host harness of {header}")
+    d = tmp_path_factory.mktemp(name)
+    src, lib = d / f"{name}.cpp", d / f"{name}.so"
+    src.write_text(source)
+    subprocess.run([cxx, "-std=c++17", opt, "-shared", "-fPIC", f"-I{CSRC}", str(src), "-o",
                     str(lib)], check=True, capture_output=True, text=True)
     h = ctypes.CDLL(str(lib))
-    for name in ("tables", "rfft", "irfft", "fwd", "bwd"):
-        for sfx in ("d", "f"):
-            getattr(h, f"{name}_{sfx}").restype = ctypes.c_int
+    for f in functions:
+        getattr(h, f).restype = ctypes.c_int
     return h
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    return build_harness(tmp_path_factory, "cuda_harness", HARNESS, "csrc/cuda/column_dft.h",
+                         [f"{n}_{sfx}" for n in ("tables", "rfft", "irfft", "fwd", "bwd")
+                          for sfx in ("d", "f")])
 
 
 def _p(a):
@@ -562,18 +570,10 @@ API(float, f)
 
 @pytest.fixture(scope="module")
 def harness_v2(tmp_path_factory):
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler to build the host harness of csrc/cuda/fixed_dft.h")
-    d = tmp_path_factory.mktemp("cuda_harness_v2")
-    src, lib = d / "harness_v2.cpp", d / "harness_v2.so"
-    src.write_text(HARNESS_V2)
-    subprocess.run([cxx, "-std=c++17", "-O1", "-shared", "-fPIC", f"-I{CSRC}", str(src), "-o",
-                    str(lib)], check=True, capture_output=True, text=True)
-    h = ctypes.CDLL(str(lib))
-    for name in ("twiddle", "dfts_d", "dfts_f", "fwd2_d", "fwd2_f", "bwd2_d", "bwd2_f"):
-        getattr(h, name).restype = ctypes.c_int
-    return h
+    # -O1: the fully unrolled templates compile several times faster than at -O2
+    return build_harness(tmp_path_factory, "cuda_harness_v2", HARNESS_V2,
+                         "csrc/cuda/fixed_dft.h", ["twiddle", "dfts_d", "dfts_f", "fwd2_d",
+                                                   "fwd2_f", "bwd2_d", "bwd2_f"], opt="-O1")
 
 
 def test_harness_v2_compile_time_twiddles(harness_v2):
