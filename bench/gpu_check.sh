@@ -11,7 +11,8 @@
 #   3. trec_micro:   bench/trec_micro.py --device cuda --kernels v1,v2 (fused reconstruction
 #                    vs clone and plain PyTorch, v1 and v2 kernels interleaved, NaN-poisoned
 #                    correctness of both) -> trec_micro.json,
-#      host_overhead: bench/host_overhead.py --device cuda -> host_overhead_cuda.json,
+#      host_overhead: bench/host_overhead.py --device cuda --n3 12 (the v2 kernels' path) ->
+#                    host_overhead_cuda.json,
 #      kernels:      bench/kernels.py --device cuda (--quick unless --full) -> kernels_cuda.json,
 #      kernels_v1:   the same with TSVD_CUDA_KERNELS=v1 -> kernels_cuda_v1.json (not with
 #                    --with-peft: the device tool brings back 8 files at most),
@@ -351,7 +352,7 @@ fi
 if [ ! -f bench/host_overhead.py ]; then
   say "bench/host_overhead.py missing"
 elif plan host_overhead 60 20; then
-  run host_overhead "$LIMIT" "$PY" bench/host_overhead.py --device cuda \
+  run host_overhead "$LIMIT" "$PY" bench/host_overhead.py --device cuda --n3 12 \
       --out "$OUT/host_overhead_cuda.json" $([ $FULL = 1 ] || echo --reps 500) \
       || say "bench/host_overhead.py failed"
 fi

@@ -1,9 +1,10 @@
 """Host overhead of one tsvd op call: tiny tensors, so that the time is the call's, not the math's.
 
-    python bench/host_overhead.py [--device cpu|cuda] [--reps 2000] [--out FILE.json]
+    python bench/host_overhead.py [--device cpu|cuda] [--reps 2000] [--n3 2] [--out FILE.json]
 
 Times, in one process with one CPU thread, the median over ``--reps`` calls (after a warm-up)
-of, for a (2, 4, 4) tensor at rank 1 (issue 13's probe):
+of, for an (n3, 4, 4) tensor at rank 1 (``--n3``, default 2: issue 13's probe; on CUDA,
+``--n3 12`` reaches the v2 kernels, which cover n3 = 12 and 48 in float32):
 
 - ``torch.add`` of two such tensors (the floor of any dispatched op);
 - ``torch.ops.tsvd.treconstruct`` forward (the raw op: dispatcher, Autograd kernel, kernel);
@@ -50,10 +51,15 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--reps", type=int, default=2000, help="timed calls per figure (default 2000)")
+    p.add_argument("--n3", type=int, default=2,
+                   help="tube length of the probe tensors (default 2; 12 reaches the CUDA v2 "
+                        "kernels)")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     a = p.parse_args(argv)
     if a.reps < 10:
         p.error("--reps: expected an integer >= 10")
+    if a.n3 < 1:
+        p.error(f"--n3: expected an integer >= 1, got {a.n3}")
     dev = torch.device(a.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device")
@@ -67,7 +73,7 @@ def main(argv=None) -> int:
         x = torch.randn(*shape, generator=g).to(dev)
         return x.requires_grad_(grad)
 
-    n3, n1, n2, r = 2, 4, 4, 1
+    n3, n1, n2, r = a.n3, 4, 4, 1
     U, S, V, R = t(1, n3, n1, r), t(1, n3, r), t(1, n3, n2, r), t(1, n3, n1, n2)
     Ug, Sg, Vg, Rg = (x.detach().clone().requires_grad_(True) for x in (U, S, V, R))
     A, B = t(1, n3, n1, n2), t(1, n3, n2, n2)
