@@ -436,24 +436,14 @@ static int fwd2(int64_t B, int64_t n1, int64_t n2, int64_t r, const T* U, const 
   constexpr int F = N / 2 + 1, STRIP = 32, PASS = 8;
   std::vector<C2<T>> a2(size_t(B * n1 * r * F)), b2(size_t(B * r * F * n2));
   const int64_t nU = B * n1 * r, nV = B * n2 * r;
-  for (int64_t idx = 0; idx < nU + nV; ++idx) {
-    T x[N];
+  for (int64_t idx = 0; idx < nU + nV; ++idx) {       // trec_prep_v2's two thread ranges
     if (idx < nU) {
       const int64_t k = idx % r, bi = idx / r, i = bi % n1, b = bi / n1;
-      const T* u = U + (b * N * n1 + i) * r + k;
-      for (int t = 0; t < N; ++t) x[t] = u[t * n1 * r];
-      T ur[F], ui[F]; rdft_fixed<N, T>(x, ur, ui);
-      const T* s = S + b * N * r + k;
-      for (int t = 0; t < N; ++t) x[t] = s[t * r];
-      T sr[F], si[F]; rdft_fixed<N, T>(x, sr, si);
-      C2<T>* o = &a2[((b * n1 + i) * r + k) * F];
-      for (int f = 0; f < F; ++f) o[f] = {ur[f] * sr[f] - ui[f] * si[f], ur[f] * si[f] + ui[f] * sr[f]};
+      prep_u<N, T, C2<T>, false>(U + (b * N * n1 + i) * r + k, n1 * r, S + b * N * r + k, r,
+                                 &a2[((b * n1 + i) * r + k) * F], 1);
     } else {
       const int64_t q = idx - nU, j = q % n2, rest = q / n2, k = rest % r, b = rest / r;
-      const T* v = V + (b * N * n2 + j) * r + k;
-      for (int t = 0; t < N; ++t) x[t] = v[t * n2 * r];
-      T vr[F], vi[F]; rdft_fixed<N, T>(x, vr, vi);
-      for (int f = 0; f < F; ++f) b2[((b * r + k) * F + f) * n2 + j] = {vr[f], vi[f]};
+      prep_v<N, T, C2<T>>(V + (b * N * n2 + j) * r + k, n2 * r, &b2[(b * r + k) * F * n2 + j], n2);
     }
   }
   const int64_t plane = n1 * n2;
@@ -493,10 +483,10 @@ static int bwd2(int64_t B, int64_t n1, int64_t n2, int64_t r, const T* G, const 
   std::vector<C2<T>> ca(size_t(B * F * n1 * r)), vh(size_t(B * F * n2 * r));
   const int64_t us = n1 * r, vs = n2 * r;
   for (int64_t b = 0; b < B; ++b) for (int64_t i = 0; i < n1; ++i) for (int64_t k = 0; k < r; ++k)
-    bwd_prep_u<N, T, C2<T>>(U + (b * N * n1 + i) * r + k, us, S + b * N * r + k, r,
+    prep_u<N, T, C2<T>, true>(U + (b * N * n1 + i) * r + k, us, S + b * N * r + k, r,
                             &ca[(b * F * n1 + i) * r + k], us);
   for (int64_t b = 0; b < B; ++b) for (int64_t j = 0; j < n2; ++j) for (int64_t k = 0; k < r; ++k)
-    bwd_prep_v<N, T, C2<T>>(V + (b * N * n2 + j) * r + k, vs, &vh[(b * F * n2 + j) * r + k], vs);
+    prep_v<N, T, C2<T>>(V + (b * N * n2 + j) * r + k, vs, &vh[(b * F * n2 + j) * r + k], vs);
   const int64_t E = n1 * n2;
   std::vector<C2<T>> gh(size_t(B * F * E));
   for (int64_t b = 0; b < B; ++b) for (int64_t e = 0; e < E; ++e) {

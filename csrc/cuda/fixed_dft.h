@@ -274,10 +274,11 @@ TSVD_HOST_DEVICE TSVD_FORCEINLINE void load_tube_rdft(const T* TSVD_RESTRICT x, 
   rdft_fixed<N, T>(v, yr, yi);
 }
 
-// prep, U tube (b, i, k): conjA_f = conj(Uh_f Sh_f) at ca[f * fs]
-template <int N, typename T, typename V2>
-TSVD_HOST_DEVICE TSVD_FORCEINLINE void bwd_prep_u(const T* u, int64_t us, const T* s, int64_t ss,
-                                                  V2* ca, int64_t fs) {
+// prep (forward and backward), U tube (b, i, k): A_f = Uh_f Sh_f at a[f * fs], or its
+// conjugate (Conj: the backward's conj(A))
+template <int N, typename T, typename V2, bool Conj>
+TSVD_HOST_DEVICE TSVD_FORCEINLINE void prep_u(const T* u, int64_t us, const T* s, int64_t ss,
+                                              V2* a, int64_t fs) {
   constexpr int F = N / 2 + 1;
   T ur[F], ui[F], sr[F], si[F];
   load_tube_rdft<N, T, V2>(u, us, ur, ui);
@@ -286,14 +287,15 @@ TSVD_HOST_DEVICE TSVD_FORCEINLINE void bwd_prep_u(const T* u, int64_t us, const 
     constexpr int f = decltype(ff)::value;
     V2 o;
     o.x = ur[f] * sr[f] - ui[f] * si[f];
-    o.y = -(ur[f] * si[f] + ui[f] * sr[f]);
-    ca[f * fs] = o;
+    o.y = ur[f] * si[f] + ui[f] * sr[f];
+    if constexpr (Conj) o.y = -o.y;
+    a[f * fs] = o;
   });
 }
 
-// prep, V tube (b, j, k): Vh_f at vh[f * fs]
+// prep (forward and backward), V tube (b, j, k): Vh_f at vh[f * fs]
 template <int N, typename T, typename V2>
-TSVD_HOST_DEVICE TSVD_FORCEINLINE void bwd_prep_v(const T* v, int64_t vs, V2* vh, int64_t fs) {
+TSVD_HOST_DEVICE TSVD_FORCEINLINE void prep_v(const T* v, int64_t vs, V2* vh, int64_t fs) {
   constexpr int F = N / 2 + 1;
   T vr[F], vi[F];
   load_tube_rdft<N, T, V2>(v, vs, vr, vi);

@@ -53,51 +53,16 @@ trec_prep_v2(const float* __restrict__ U, const float* __restrict__ S, const flo
              int64_t nV) {
   constexpr int F = N3 / 2 + 1;
   int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  float x[N3];
   if (idx < nU) {
-    const int k = int(idx % r);
-    const int64_t bi = idx / r;
-    const int i = int(bi % n1);
-    const int64_t b = bi / n1;
-    const float* u = U + (b * N3 * n1 + i) * r + k;
-    const int64_t us = int64_t(n1) * r;
-    static_for<N3>([&](auto tt) {
-      constexpr int t = decltype(tt)::value;
-      x[t] = u[t * us];
-    });
-    float ur[F], ui[F];
-    rdft_fixed<N3>(x, ur, ui);
-    const float* s = S + b * N3 * r + k;
-    static_for<N3>([&](auto tt) {
-      constexpr int t = decltype(tt)::value;
-      x[t] = s[t * r];
-    });
-    float sr[F], si[F];
-    rdft_fixed<N3>(x, sr, si);
-    float2* o = a2 + ((b * n1 + i) * r + k) * F;
-    static_for<F>([&](auto ff) {
-      constexpr int f = decltype(ff)::value;
-      o[f] = make_float2(ur[f] * sr[f] - ui[f] * si[f], ur[f] * si[f] + ui[f] * sr[f]);
-    });
+    const int64_t k = idx % r, bi = idx / r, i = bi % n1, b = bi / n1;
+    cuda_fixed::prep_u<N3, float, float2, false>(U + (b * N3 * n1 + i) * r + k, int64_t(n1) * r,
+                                                 S + b * N3 * r + k, r,
+                                                 a2 + ((b * n1 + i) * r + k) * F, 1);
   } else if (idx < nU + nV) {
     idx -= nU;
-    const int j = int(idx % n2);
-    const int64_t rest = idx / n2;
-    const int k = int(rest % r);
-    const int64_t b = rest / r;
-    const float* v = V + (b * N3 * n2 + j) * r + k;
-    const int64_t vs = int64_t(n2) * r;
-    static_for<N3>([&](auto tt) {
-      constexpr int t = decltype(tt)::value;
-      x[t] = v[t * vs];
-    });
-    float vr[F], vi[F];
-    rdft_fixed<N3>(x, vr, vi);
-    float2* o = b2 + (b * r + k) * F * n2 + j;
-    static_for<F>([&](auto ff) {
-      constexpr int f = decltype(ff)::value;
-      o[int64_t(f) * n2] = make_float2(vr[f], vi[f]);
-    });
+    const int64_t j = idx % n2, rest = idx / n2, k = rest % r, b = rest / r;
+    cuda_fixed::prep_v<N3, float, float2>(V + (b * N3 * n2 + j) * r + k, int64_t(n2) * r,
+                                          b2 + (b * r + k) * F * n2 + j, n2);
   }
 }
 
@@ -167,14 +132,14 @@ trec_bwd_prep_v2(const float* __restrict__ U, const float* __restrict__ S,
   if (idx < nU) {
     const int64_t k = idx % r, bi = idx / r, i = bi % n1, b = bi / n1;
     const int64_t us = int64_t(n1) * r;
-    cuda_fixed::bwd_prep_u<N3, float, float2>(U + (b * N3 * n1 + i) * r + k, us,
+    cuda_fixed::prep_u<N3, float, float2, true>(U + (b * N3 * n1 + i) * r + k, us,
                                               S + b * N3 * r + k, r,
                                               ca + (b * F * n1 + i) * r + k, us);
   } else if (idx < nU + nV) {
     idx -= nU;
     const int64_t k = idx % r, bj = idx / r, j = bj % n2, b = bj / n2;
     const int64_t vs = int64_t(n2) * r;
-    cuda_fixed::bwd_prep_v<N3, float, float2>(V + (b * N3 * n2 + j) * r + k, vs,
+    cuda_fixed::prep_v<N3, float, float2>(V + (b * N3 * n2 + j) * r + k, vs,
                                               vh + (b * F * n2 + j) * r + k, vs);
   }
 }
