@@ -2,7 +2,7 @@
 
     python bench/tsvd_topk.py [--shapes 48x768x768,12x3072x768] [--spectra inv,pow0.5,pow0.7,gauss]
         [--k 1,4,8,32] [--tol 1e-3,1e-4] [--reps 2] [--threads 2] [--loop] [--check 3]
-        [--weights PATH] [--json OUT.json] [--quick]
+        [--weights PATH] [--algorithms krylov,subspace] [--json OUT.json] [--quick]
 
 Inputs (float32, ``(n3, n1, n2)``): for ``inv`` / ``pow0.5`` / ``pow0.7`` every frontal slice
 is ``Q1 diag(i^-a) Q2ᵀ + noise`` with its own random orthonormal Q1, Q2 (a = 1, 0.5, 0.7) and
@@ -15,7 +15,9 @@ down weights of a UNETR checkpoint (a MONAI state dict, e.g. the demo's pre-trai
 Timed side by side in one process, interleaved, min over ``--reps``: the batched half-spectrum
 SVD (rfft + ``torch.linalg.svd`` of the ⌊n3/2⌋+1 slices, DC/Nyquist real: ``reference.hat_svd``),
 the published per-slice loop (full complex fft + one ``torch.linalg.svd`` per slice; with
-``--loop``), and ``tsvd.tsvd(X, k, tol=tol)`` (method "auto": the cost model picks). Accuracy of
+``--loop``), and ``tsvd.tsvd(X, k, tol=tol)`` (method "auto": the cost model picks) with each
+iteration of ``--algorithms`` (``tsvd._lowrank.ALGORITHM``: block Krylov, the default, and
+subspace iteration, the method before it). Accuracy of
 tsvd's result on the first ``--check`` stored slices (default all) against a float64 SVD: (a) the excess
 squared Frobenius error over the optimum relative to ‖X̂_k‖_F², (b) max |S_i - σ_i| / σ_1.
 """
@@ -98,6 +100,9 @@ def main():
     ap.add_argument("--check", type=int, default=0,
                     help="stored slices checked in float64 (0: all of them)")
     ap.add_argument("--weights", default=None, help="UNETR checkpoint (MONAI state dict)")
+    ap.add_argument("--algorithms", default="krylov",
+                    help="comma list of tsvd._lowrank.ALGORITHM values to time side by side "
+                         "(krylov: block Krylov, the default; subspace: subspace iteration)")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--quick", action="store_true",
                     help="the issue's target cases only: pow0.7 and gauss, k=8, tol 1e-3,1e-4 "
@@ -107,6 +112,10 @@ def main():
         a.spectra, a.k, a.tol = "pow0.7,gauss", "8", "1e-3,1e-4"
     torch.set_num_threads(a.threads)
     ks = [int(v) for v in a.k.split(",")]
+    algos = a.algorithms.split(",")
+    for al in algos:
+        if al not in ("krylov", "subspace"):
+            ap.error(f"--algorithms: expected krylov and/or subspace, got {al!r}")
     tols = [float(v) for v in a.tol.split(",")]
     tr = get_transform("fft")
     load = os.getloadavg()
@@ -133,7 +142,7 @@ def main():
         xh64 = torch.fft.rfft(x.double(), dim=-3)[:c]
         s64 = torch.linalg.svdvals(xh64)
         t_full, t_loop = [], []
-        t_top = {(k, tol): [] for k in ks for tol in tols}
+        t_top = {(k, tol, al): [] for k in ks for tol in tols for al in algos}
         res = {}
         for _ in range(a.reps):                                  # interleaved
             t_full.append(clock(lambda: ref.hat_svd(torch.fft.rfft(x, dim=-3), tr, n3))[0])
@@ -144,16 +153,21 @@ def main():
                 t_loop.append(clock(loop)[0])
             for k in ks:
                 for tol in tols:
-                    t, out = clock(lambda: tsvd.tsvd(x, k, tol=tol))
-                    t_top[(k, tol)].append(t)
-                    res[(k, tol)] = (out, dict(_lowrank.last_info()))
-        for (k, tol), ts in t_top.items():
-            (u, s, v), info = res[(k, tol)]
+                    for al in algos:
+                        prev, _lowrank.ALGORITHM = _lowrank.ALGORITHM, al
+                        try:
+                            t, out = clock(lambda: tsvd.tsvd(x, k, tol=tol))
+                        finally:
+                            _lowrank.ALGORITHM = prev
+                        t_top[(k, tol, al)].append(t)
+                        res[(k, tol, al)] = (out, dict(_lowrank.last_info()))
+        for (k, tol, al), ts in t_top.items():
+            (u, s, v), info = res[(k, tol, al)]
             # the transform-domain factors of the returned t-SVD, first c stored slices
             uh, vh = torch.fft.rfft(u.double(), dim=-3)[:c], torch.fft.rfft(v.double(), dim=-3)[:c]
             shh = torch.fft.rfft(s.double(), dim=-2)[:c].real
             acc_a, acc_b = accuracy(xh64, s64, uh, shh, vh, k)
-            row = {"case": name, "k": k, "tol": tol, "t_full_s": min(t_full),
+            row = {"case": name, "k": k, "tol": tol, "algorithm": al, "t_full_s": min(t_full),
                    "t_loop_s": min(t_loop) if t_loop else None, "t_tsvd_s": min(ts),
                    "x_full": min(t_full) / min(ts),
                    "x_loop": (min(t_loop) / min(ts)) if t_loop else None,
@@ -163,7 +177,7 @@ def main():
                    "est_a": info.get("est_a"), "est_b": info.get("est_b"), "l": info.get("l"),
                    "checked_slices": c, "reps": a.reps}
             rows.append(row)
-            print(f"{name:22s} k={k:2d} tol={tol:.0e}: full {row['t_full_s']:.2f}s "
+            print(f"{name:22s} k={k:2d} tol={tol:.0e} {al:8s}: full {row['t_full_s']:.2f}s "
                   f"tsvd {row['t_tsvd_s']:.2f}s x{row['x_full']:.2f}"
                   + (f" (loop x{row['x_loop']:.2f})" if t_loop else "")
                   + f" | a {acc_a:.1e} b {acc_b:.1e} {'ok' if row['contract'] else 'FAIL'} | "

@@ -8,6 +8,8 @@ started (or a computation that fails on its own with an unrelated message) is ca
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -400,3 +402,30 @@ def test_check_broadcast_fast_paths_agree_with_torch():
         assert check_broadcast("A", a, "B", b) == tuple(torch.broadcast_shapes(a, b))
     with pytest.raises(ValueError, match=r"batch dims of A \(2,\) and B \(3,\)"):
         check_broadcast("A", (2,), "B", (3,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16,
+                                   torch.complex64])
+def test_finite_check_agrees_with_isfinite(dtype):
+    """The finiteness check (a finite sum proves it; otherwise the entrywise test) accepts
+    finite tensors whose sum overflows and rejects any NaN, +Inf, -Inf or +Inf/-Inf pair,
+    wherever it sits; the oracle is ``torch.isfinite`` entry by entry."""
+    from tsvd._validate import _all_finite
+    big = torch.finfo(dtype if not dtype.is_complex else torch.float32).max
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(2, 3, 4, 5, generator=g).to(dtype)
+    real = dtype if not dtype.is_complex else torch.float32
+    cases = [base, torch.full((3, 4, 5), big, dtype=real).to(dtype), torch.zeros(0, 3, 4, dtype=dtype)]
+    for poison in ([math.nan], [math.inf], [-math.inf], [math.inf, -math.inf]):
+        x = base.clone()
+        for i, v in enumerate(poison):
+            x.view(-1)[7 * i + 3] = v
+        cases.append(x)
+    if dtype.is_complex:
+        x = base.clone()
+        x.view(-1)[5] = complex(0.0, math.inf)
+        cases.append(x)
+    for x in cases:
+        assert _all_finite(x) == bool(torch.isfinite(x).all()), x.flatten()[:8]
+    with pytest.raises(ValueError, match="X: contains NaN or Inf"):
+        tsvd.tsvd(cases[3].real if dtype.is_complex else cases[3])

@@ -127,11 +127,13 @@ def test_mixed_batch_only_bad_slices_fall_back():
     good = decaying((2,), 90, 70, cplx=True, seed=1)
     bad = decaying((1,), 90, 70, cplx=True, flat=True, noise=1e-3, seed=2)
     x = torch.cat([good[:1], bad, good[1:]]).to(torch.complex64)
-    u, s, v, info = _lowrank.topk_svd(x, k, max_iter=6, tol=1e-6, cost_model=False)
+    # block Krylov: two block steps (a 32-column space) meet 1e-5 on the 1/i slices, not on
+    # the flat one (with more steps the space would cover all 70 columns: exact)
+    u, s, v, info = _lowrank.topk_svd(x, k, max_iter=2, tol=1e-5, cost_model=False)
     assert info["fallback"] == 1
     err, so = rel_err_principal(u[[0, 2]], s[[0, 2]], v[[0, 2]], x[[0, 2]], k)
     gap = ((so[..., :k] ** 2).sum(-1) / (so[..., k - 1] ** 2 - so[..., k] ** 2)).max()
-    assert err ** 2 <= 2 * 1e-6 * gap
+    assert err ** 2 <= 2 * 1e-5 * gap
     _, so, _ = np_svd(x)
     assert np.abs(s.double().numpy() - so[..., :k]).max() < 1e-5
 

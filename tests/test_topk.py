@@ -77,14 +77,15 @@ def sin_theta2(a, b):
     return k - (torch.linalg.matrix_norm(a.mH @ b) ** 2).numpy()
 
 
+@pytest.mark.parametrize("algorithm", ["krylov", "subspace"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("cplx", [False, True])
 @pytest.mark.parametrize("kind", ["gapped", "decay", "repeated", "gauss"])
-def test_contract_holds(kind, cplx, dtype):
+def test_contract_holds(kind, cplx, dtype, algorithm):
     k, (n1, n2) = 5, ((90, 60) if cplx else (60, 90))
     tol = 1e-4 if dtype == torch.float32 else 1e-10
     x = matrices(kind, 3, n1, n2, k, cplx=cplx, dtype=dtype, seed=len(kind) + 7 * cplx)
-    u, s, v, info = _lowrank.topk_svd(x, k, tol=tol, cost_model=False)
+    u, s, v, info = _lowrank.topk_svd(x, k, tol=tol, cost_model=False, algorithm=algorithm)
     assert u.shape == (3, n1, k) and s.shape == (3, k) and v.shape == (3, n2, k)
     assert u.dtype == x.dtype and v.dtype == x.dtype and s.dtype == torch.empty(0, dtype=x.dtype).real.dtype
     a, b, sv = contract(x, u, s, v, k)
@@ -206,3 +207,42 @@ def test_auto_cost_model_choice_up_front():
 def test_bad_arguments_name_the_argument(bad, exc, name):
     with pytest.raises(exc, match=name):
         tsvd.tsvd(torch.randn(3, 20, 10), 2, **bad)
+
+
+@pytest.mark.parametrize("cplx", [False, True])
+def test_low_rank_factor_form_of_the_bound_equals_the_gram_form(cplx):
+    """contract_bounds with ``factor=F`` (block Krylov's residuals span r directions) gives
+    the bounds of the Gram matrix ``Fᴴ F`` passed whole: the eigenvalues of each leading block
+    ``G_j`` are those of the r x r ``F_j F_jᴴ`` (the definition, checked here numerically)."""
+    g = torch.Generator().manual_seed(4)
+    a, r, l, k = 3, 4, 20, 5
+    sig = torch.sort(torch.rand(a, l, dtype=torch.float64, generator=g) + 0.1, -1,
+                     descending=True).values
+    f = 1e-3 * torch.randn(a, r, l, dtype=torch.float64, generator=g)
+    if cplx:
+        f = torch.complex(f, 1e-3 * torch.randn(a, r, l, dtype=torch.float64, generator=g))
+    gram = f.mH @ f
+    rho = torch.linalg.vector_norm(f, dim=-2)
+    rn = rho / sig
+    got = _lowrank.contract_bounds(sig, rn, k, factor=f)
+    ref = _lowrank.contract_bounds(sig, rn, k, gram=gram)
+    for x_, y_ in zip(got, ref):
+        assert torch.allclose(x_, y_, rtol=1e-9, atol=1e-15), (x_, y_)
+    # and it is a real bound: at most the trace form's
+    cheap = _lowrank.contract_bounds(sig, rn, k)
+    assert all(bool((x_ <= c * (1 + 1e-12)).all()) for x_, c in zip(got, cheap))
+
+
+def test_block_krylov_uses_fewer_products_than_subspace_iteration():
+    """On a flat spectrum (Gaussian), block Krylov meets the contract in fewer products with X
+    than subspace iteration: its convergence depends on sqrt of the relative gap, subspace
+    iteration's on the gap itself. Products counted: Krylov 2 b per block step plus the
+    start, subspace iteration 2 l per iteration plus the start."""
+    k, tol = 4, 1e-3
+    x = matrices("gauss", 2, 300, 240, k, cplx=True, dtype=torch.float32, seed=11)
+    _, _, _, ik = _lowrank.topk_svd(x, k, tol=tol, cost_model=False, algorithm="krylov")
+    _, _, _, isub = _lowrank.topk_svd(x, k, tol=tol, cost_model=False, algorithm="subspace")
+    assert ik["fallback"] == 0 and isub["fallback"] == 0, (ik, isub)
+    cols_k = 2 * ik["l"] * (ik["iterations"] + 1)
+    cols_s = isub["l"] * (2 * isub["iterations"] + 1)
+    assert cols_k < 0.6 * cols_s, (ik, isub)

@@ -146,15 +146,16 @@ def tsvd(X: torch.Tensor, k: int | None = None, *, transform="fft", method: str 
             principal singular values and vectors kept in each transform-domain slice
             (``1 <= k <= min(n1, n2)``). The truncation is the best tubal-rank-k
             approximation of X (Eckart-Young, per slice), to within ``tol`` (below).
-        method: ``"full"`` (a full SVD of every slice), ``"randomized"`` (subspace iteration
-            with Rayleigh-Ritz whose cost grows with k, checked per slice against the
-            contract below, up to 40 iterations; a slice that does not meet it then, or
-            whose measured convergence rate predicts that it will not, gets a full SVD), or
+        method: ``"full"`` (a full SVD of every slice), ``"randomized"`` (block Krylov from
+            a Gaussian start, with Rayleigh-Ritz, whose cost grows with k, checked per slice
+            against the contract below after every block step, up to 40 steps; a slice that
+            does not meet it then gets a full SVD), or
             ``"auto"`` (the default: a cost model measured on a 2-core CPU,
             :func:`tsvd._lowrank.plan`, decides up front between the two and caps the
             iterations at the cost of a full SVD; the full SVD whenever X requires grad).
-        oversample: randomized method's extra subspace columns, ``l = k + oversample``
-            (default None: ``k + 32``, see :func:`tsvd._lowrank.auto_oversample`).
+        oversample: randomized method's extra columns: the block size is
+            ``k + oversample`` (default None: ``max(k + 8, 16)`` columns, see
+            :func:`tsvd._lowrank.auto_oversample`).
         tol: randomized method's accuracy contract (default 1e-4 for float32/float16/
             bfloat16, 1e-10 for float64). For every transform-domain slice ``X̂_f`` with
             singular values ``σ_1 >= σ_2 >= ...``, optimal rank-k part ``X̂_k`` and returned

@@ -15,9 +15,32 @@ accepted. Where there is a gap, (a) pins the subspace: with ``δ = σ_k² - σ_{
 returned left/right subspaces satisfy ``‖sin Θ‖_F² <= tol · ‖X_k‖_F² / δ`` (the excess error of
 a rank-k projection ``U Uᴴ X`` is at least ``δ ‖sin Θ(U, U_k)‖_F²``).
 
-Method: subspace iteration with oversampling and Rayleigh-Ritz (Halko, Martinsson & Tropp 2011,
-Alg. 4.4; Ritz values converge at the rate ``(σ_{l+1}/σ_i)^4`` per iteration, which does not
-depend on σ_{k+1}), batched over all slices with ``matmul``, never a loop over slices::
+Method (default, :data:`ALGORITHM` = "krylov"): block Krylov, i.e. block Lanczos on ``A Aᴴ``
+with full reorthogonalisation (A = X, or Xᴴ when that makes the basis the shorter side),
+batched over all slices with ``matmul``, never a loop over slices::
+
+    Q_0 = orth(A Ω),  P_0 = Aᴴ Q_0                  Ω: (n, b) Gaussian from `generator`
+    repeat (block step j):
+        G = Qᴴ A Aᴴ Q = Pᴴ P = W diag(θ) Wᴴ          Q = [Q_0 .. Q_j], P = [P_0 .. P_j]
+        U = Q W, σ̂ = sqrt(θ), V = P W / σ̂          Ritz triplets: Aᴴ U = V diag(σ̂) exactly
+        Y = (I - Q Qᴴ) A P_j                        A Aᴴ U - U diag(θ) = Y W_j (W_j: last rows)
+        accept the slice if the bounds below meet tol;  else Q_{j+1} = orth(Y), P_{j+1} = Aᴴ Q_{j+1}
+
+Each step costs two products with b columns (``b = k + oversample``, default
+``max(k + 8, 16)``), and the Ritz values converge like Chebyshev polynomials of the whole
+Krylov space: the error of σ̂_i² after j steps falls roughly like ``exp(-4 j sqrt(γ))``, γ
+the relative gap between σ_i² and σ_{b+1}² (Saad's bounds; Musco & Musco 2015 for gap-free
+rates), where subspace iteration's falls like ``(1 + γ')^(-2 j)``, γ' relative to σ_{l+1}²:
+measured on Gaussian 768 x 768 complex slices at k = 8, about 350 column-products (blocks of
+16) against 1600 (l = 48) to reach 1e-4 in (a) and (b). The residuals of all Ritz pairs lie in
+span(Y), so their Gram matrix has rank b: ``Fᴴ F`` with ``F = Λ^½ Eᴴ W_j`` (``Yᴴ Y = E Λ Eᴴ``),
+which keeps the sharp bound's eigenvalue problems b x b. The products run in the input
+precision; ``G``, ``P`` (a float64 copy) and everything ``L x L`` in float64/complex128.
+Because the residuals come from the projected matrices rather than from a fresh product, the
+estimates are floored at the products' rounding level (:func:`_rounding_floor`).
+
+Subspace iteration (``algorithm="subspace"``, the method before; Halko, Martinsson & Tropp
+2011, Alg. 4.4; Ritz values converge at the rate ``(σ_{l+1}/σ_i)^4`` per iteration)::
 
     Q = orth(X Ω)                                   Ω: (n2, l) Gaussian from `generator`
     repeat:
@@ -45,14 +68,15 @@ the top singular directions. Measured: the accepted bound is 10-20x above the tr
 Gaussian matrices (it costs a few iterations), and the tests compare the contract with
 float64 SVDs on flat, gapped, repeated and decaying spectra.
 
-Cost model (chosen before any work, per group of same-shaped slices), in units of one
-multiply-add with X: a full economy SVD costs ``FULL_SVD_COST * n1 n2 p`` and one iteration
-``2 n1 n2 (l + 16)`` (a product with l columns is bound by reading X until l is well above
-16). :data:`FULL_SVD_COST` was measured on the 2-core CPU this was developed on. The iteration
-budget is the number of iterations that together cost at most a full SVD (capped by
-``max_iter``); if it is below :data:`MIN_ITERS` + 1 the full SVD is used from the start. After
-:data:`MIN_ITERS` iterations a slice whose measured convergence rate of the bound predicts that
-it will not meet tol within the budget gets the full SVD at once.
+Cost model (chosen before any work, per group of same-shaped slices, :func:`plan`), in units
+of one multiply-add with X: a full economy SVD costs ``FULL_SVD_COST * n1 n2 p`` and a product
+with l columns ``n1 n2 (l + 16)`` (bound by reading X until l is well above 16); a block
+Krylov step adds its projections and its ``L x L`` eigenproblem. :data:`FULL_SVD_COST` was
+measured on the 2-core CPU this was developed on. The budget is the number of steps that
+together cost at most a full SVD (capped by ``max_iter``); if it is below :data:`MIN_ITERS` + 1
+the full SVD is used from the start; slices not accepted within it get a full SVD. (Subspace
+iteration also gives up early, after :data:`MIN_ITERS` iterations, on a slice whose measured
+convergence rate predicts that it will not meet tol within the budget.)
 
 ``last_info()`` returns what the most recent call did.
 """
@@ -95,6 +119,9 @@ FULL_SVD_COST = 3.0
 #: 48 x 768 per slice) was 113 ms of device time and the bounds' eigvalsh 69 ms. The "host"
 #: path has not been timed on a GPU yet.
 SMALL_LINALG = "auto"
+#: the iteration: "krylov" (block Krylov, the default) or "subspace" (subspace iteration, kept
+#: for comparison: ``bench/tsvd_topk.py --algorithms``)
+ALGORITHM = "krylov"
 
 
 def last_info() -> dict:
@@ -114,30 +141,55 @@ def _hi(dt):
     return torch.complex128 if dt.is_complex else torch.float64
 
 
-def auto_oversample(k: int) -> int:
-    """Default extra columns: ``k + 32`` (l = 2k + 32). On a CPU a product with up to ~64
-    columns costs little more than with 16 (it is bound by reading X), and the Ritz values'
-    error shrinks by ``(σ_{l+1}/σ_k)^4`` per iteration, so a larger l pays for itself on the
-    flat spectra of stacked weights (σ_8/σ_9 ≈ 1.01, σ_48/σ_8 ≈ 0.7)."""
+def auto_oversample(k: int, algorithm: str | None = None) -> int:
+    """Default extra columns. Block Krylov: ``max(8, 16 - k)``, a block of ``max(k + 8, 16)``
+    columns (a product with fewer than ~16 columns costs about as much as with 16 on a CPU,
+    bound by reading X; with more, each block step costs more and the Krylov space grows
+    coarser: on 48x768x768 i^-0.7 slices at k = 8, blocks of 16 needed 224 column-products
+    to reach (a), (b) <= 1e-4, blocks of 24 240 and of 32 320). Subspace iteration: ``k + 32``
+    (l = 2k + 32): its Ritz values' error shrinks by ``(σ_{l+1}/σ_k)^4`` per iteration, so a
+    larger l pays for itself on flat spectra."""
+    if (ALGORITHM if algorithm is None else algorithm) == "krylov":
+        return max(8, 16 - k)
     return k + 32
 
 
-def plan(n1: int, n2: int, k: int, l: int, complex_: bool, max_iter: int | None = None):
-    """Cost model: ``(use_iteration, budget)``. ``budget`` is the number of subspace
-    iterations whose modelled cost stays at or below a full SVD of the same slice (at most
-    ``max_iter``); iterate only when that budget is at least :data:`MIN_ITERS` + 1."""
-    p = min(n1, n2)
-    if l >= p:
-        return False, 0
-    full = FULL_SVD_COST * n1 * n2 * p
-    one = 2.0 * n1 * n2 * (l + 16)
-    budget = int(full // one) - 1                           # -1: the initial sketch
-    budget = min(budget, DEFAULT_MAX_ITER if max_iter is None else int(max_iter))
-    return budget >= MIN_ITERS + 1, max(budget, 0)
+def plan(n1: int, n2: int, k: int, l: int, complex_: bool, max_iter: int | None = None,
+         algorithm: str | None = None):
+    """Cost model: ``(use_iteration, budget)``. ``budget`` is the number of iterations (block
+    Krylov: block steps; subspace iteration: iterations) whose modelled cost stays at or
+    below a full SVD of the same slice (at most ``max_iter``); iterate only when that budget
+    is at least :data:`MIN_ITERS` + 1.
+
+    Units: one multiply-add with each entry of X (``n1 n2``). A full SVD costs
+    ``FULL_SVD_COST * p`` (``p = min(n1, n2)``); a product with c columns ``c + 16`` (bound by
+    reading X below ~16 columns). A block Krylov step with block l: two products, the
+    projection and re-projection against the ``L = (step + 1) l`` basis columns
+    (``4 L l / max(n1, n2)``), the float64 update of the projected matrix (``2 L l / p``) and
+    its ``L x L`` eigendecomposition (``≈ 10 L³ / (n1 n2)``, float64)."""
+    algorithm = ALGORITHM if algorithm is None else algorithm
+    p, big = min(n1, n2), max(n1, n2)
+    cap = DEFAULT_MAX_ITER if max_iter is None else int(max_iter)
+    full = FULL_SVD_COST * p
+    if algorithm == "subspace":
+        if l >= p:
+            return False, 0
+        one = 2.0 * (l + 16)
+        budget = min(int(full // one) - 1, cap)         # -1: the initial sketch
+        return budget >= MIN_ITERS + 1, max(budget, 0)
+    spent, steps = 2.0 * (l + 16), 0                     # the start: X Ω and Xᴴ Q_0
+    while steps < cap and (steps + 2) * l <= p:
+        L = (steps + 1) * l
+        one = 2.0 * (l + 16) + 4.0 * L * l / big + 2.0 * L * l / p + 10.0 * L ** 3 / (n1 * n2)
+        if spent + one > full:
+            break
+        spent, steps = spent + one, steps + 1
+    return steps >= MIN_ITERS + 1, steps
 
 
 def contract_bounds(sig: torch.Tensor, rn: torch.Tensor, k: int,
-                    gram: torch.Tensor | None = None, max_splits: int = 6, host: bool = False):
+                    gram: torch.Tensor | None = None, max_splits: int = 6, host: bool = False,
+                    factor: torch.Tensor | None = None):
     """Upper bounds on the contract errors from Ritz values and residuals.
 
     Args:
@@ -148,7 +200,10 @@ def contract_bounds(sig: torch.Tensor, rn: torch.Tensor, k: int,
             residual vectors (the coupling of the Ritz vectors to the rest in ``X Xᴴ``), or
             None to bound its eigenvalues by its trace.
         max_splits: at most this many split points j (evenly spaced in ``k..l-1``) are tried.
-        host: compute the ``l x l`` eigenvalues on the CPU (see :data:`SMALL_LINALG`).
+        host: compute the small eigenvalue problems on the CPU (see :data:`SMALL_LINALG`).
+        factor: ``(a, r, l)`` with ``gram = factorᴴ factor``, given instead of ``gram`` when
+            the residuals span only r << l directions (block Krylov: the next block). The
+            eigenvalues of every ``G_j`` are then those of the ``r x r`` ``F_j F_jᴴ``.
     Returns:
         ``(est_a, est_b)``, each ``(a,)``: bounds on (a) / ‖X_k‖_F² and (b) / σ_1.
 
@@ -181,24 +236,36 @@ def contract_bounds(sig: torch.Tensor, rn: torch.Tensor, k: int,
     suff = w.flip(-1).cummax(-1).values.flip(-1)             # suff[:, m] = max_{m' >= m} w
     mu = suff[:, js]                                         # (a, J)
     gd = (sig * rn) ** 2                                     # diag(G): σ̂_m² r_m²
-    if gram is None:
+    if gram is None and factor is None:
         tr = torch.cumsum(gd, -1)[:, js - 1]                 # tr(G_j) bounds both
         lam1, kf, cn = tr, tr, torch.full_like(tr, float(l))
     else:
-        g = gram.to(torch.complex128 if gram.is_complex() else torch.float64)
-        g = 0.5 * (g + g.mH)
-        gd = torch.diagonal(g, dim1=-2, dim2=-1).real.clamp_min(0)
-        mask = (torch.arange(l, device=sig.device)[None, :] < js[:, None]).to(gd.dtype)
-        m2 = mask[:, :, None] * mask[:, None, :]
-        sc = torch.where(gd > 0, gd.rsqrt(), torch.zeros_like(gd))
-        corr = g * (sc[:, :, None] * sc[:, None, :])         # unit diagonal where g_m > 0
-        m_ev, m_cn = g[:, None] * m2, corr[:, None] * m2
+        mask = (torch.arange(l, device=sig.device)[None, :] < js[:, None])
+        if factor is not None:
+            f = factor.to(torch.complex128 if factor.is_complex() else torch.float64)
+            gd = (f.real ** 2 + (f.imag ** 2 if f.is_complex() else 0)).sum(-2)
+            sc = torch.where(gd > 0, gd.rsqrt(), torch.zeros_like(gd))
+            fj = f[:, None] * mask[None, :, None, :].to(gd.dtype)          # (a, J, r, l)
+            m_ev = fj @ fj.mH                                              # (a, J, r, r)
+            fc = fj * sc[:, None, None, :]
+            m_cn = fc @ fc.mH
+        else:
+            g = gram.to(torch.complex128 if gram.is_complex() else torch.float64)
+            g = 0.5 * (g + g.mH)
+            gd = torch.diagonal(g, dim1=-2, dim2=-1).real.clamp_min(0)
+            mk = mask.to(gd.dtype)
+            m2 = mk[:, :, None] * mk[:, None, :]
+            sc = torch.where(gd > 0, gd.rsqrt(), torch.zeros_like(gd))
+            corr = g * (sc[:, :, None] * sc[:, None, :])     # unit diagonal where g_m > 0
+            m_ev, m_cn = g[:, None] * m2, corr[:, None] * m2
         if host:
             m_ev, m_cn = m_ev.cpu(), m_cn.cpu()
         with _one_thread():
             ev = torch.linalg.eigvalsh(m_ev).flip(-1).clamp_min(0)  # (a, J, l)
             cn = torch.linalg.eigvalsh(m_cn)[..., -1].clamp_min(0)  # (a, J)
         ev, cn = ev.to(sig.device), cn.to(sig.device)
+        if ev.shape[-1] < k:                                 # factor with r < k rows
+            ev = torch.nn.functional.pad(ev, (0, k - ev.shape[-1]))
         lam1, kf = ev[..., 0], ev[..., :k].sum(-1)
     thk = th[:, None, :k]                                    # (a, 1, k)
     # (b): per i, closed-form minimum over t, then the best split
@@ -215,7 +282,7 @@ def contract_bounds(sig: torch.Tensor, rn: torch.Tensor, k: int,
     fa = torch.where(kf[..., None] > 0, f, torch.relu(mu[..., None, None] + cand[..., None]
                                                       - thk[:, :, None, :]).sum(-1))
     sum_a = torch.minimum(fa.amin((-2, -1)), bi.sum(-1))
-    if gram is None:
+    if gram is None and factor is None:
         return _normalised(sig, th, k, bi, sum_a)
     # Row-wise variant: G_j ≼ ‖C_j‖ diag(g) (C_j the correlation matrix of the residuals), so
     # H ≼ blkdiag(diag(σ̂_m² + ‖C_j‖ g_m / t)_{m<=j}, (μ_j + t) I): the i-th eigenvalue is at
@@ -327,16 +394,127 @@ def _full(x, k):
     return u[..., :k], s[..., :k], vh[..., :k, :].mH
 
 
+def _rounding_floor(dt, n: int) -> float:
+    """Smallest (a), (b) the block Krylov estimates report: their residuals come from the
+    projected matrices, not from a fresh product with X, so they keep shrinking below the
+    rounding error of the products in x's precision (measured: about eps / 4 in (a) and (b)
+    on 768 x 768 float32 slices, 6 eps in (b) on 150 x 60 float64 ones). ``eps * sqrt(n)``
+    stays above both; a tol below it is met only by the full SVD."""
+    return torch.finfo(_real_dtype(dt)).eps * n ** 0.5
+
+
+def _krylov(xb, k, b, tol, budget, generator, host, need_grad):
+    """Block Krylov (block Lanczos on ``X Xᴴ`` with full reorthogonalisation) on every matrix
+    of ``xb (a, n1, n2)``; the basis lives on the shorter side. See the module docstring.
+    Returns ``U, S, V`` (filled for the accepted matrices), the bases to differentiate
+    through (or None), the indices of the matrices to give a full SVD, the number of block
+    steps and the largest accepted estimates."""
+    nb, n1, n2 = xb.shape
+    flip = n1 > n2
+    # A = Xᴴ when flipped, else X: (a, m, n), m <= n. Its products A Z and Aᴴ Q are written
+    # with X itself and small conjugate transposes (Zᴴ X, X Q, ...): a product with a
+    # conjugated view of X copies X on every call (measured: a third of the time on
+    # 12x3072x768 complex slices).
+    xa = xb.contiguous()
+    m, n = (n2, n1) if flip else (n1, n2)
+
+    def mul(x_, z):                                    # A z
+        return (z.mH @ x_).mH if flip else x_ @ z
+
+    def rmul(x_, q_):                                  # Aᴴ q
+        return x_ @ q_ if flip else (q_.mH @ x_).mH
+
+    dt, rdt, hdt = xb.dtype, _real_dtype(xb.dtype), _hi(xb.dtype)
+    dev = xb.device
+    U = xb.new_empty(nb, n1, k)
+    S = torch.empty(nb, k, dtype=rdt, device=dev)
+    V = xb.new_empty(nb, n2, k)
+    Qs = xb.new_empty(nb, n1, k) if need_grad else None
+    floor = _rounding_floor(dt, n)
+    omega = torch.randn(n, b, dtype=dt, device=dev, generator=generator)
+    q = _orth(mul(xa, omega))                          # Q_0 (a, m, b)
+    pl = rmul(xa, q)                                   # P_0 = Aᴴ Q_0 (a, n, b)
+    Q, Ph = q, pl.to(hdt)                              # the basis and Xᴴ Q (float64)
+    G = Ph.mH @ Ph                                     # Qᴴ X Xᴴ Q (a, L, L)
+    idx = torch.arange(nb, device=dev)
+    give_up, it, worst_a, worst_b = [], 0, 0.0, 0.0
+    while idx.numel() > 0:
+        it += 1
+        y = mul(xa, pl)                                # A Aᴴ Q_last
+        y = y - Q @ (Q.mH @ y)                         # its part outside span(Q)
+        # Ritz pairs of X Xᴴ on span(Q): G = W diag(θ) Wᴴ, U = Q W, σ̂ = sqrt(θ), and
+        # X Xᴴ U - U diag(θ) = Y W_last (W_last: W's rows of the last block), so σ̂_m res_m
+        # = Y w_m with the Gram matrix W_lastᴴ (Yᴴ Y) W_last = Fᴴ F, F = Λ^½ Eᴴ W_last
+        # (Yᴴ Y = E Λ Eᴴ): r x L with r = b, however large L grows.
+        gh = (0.5 * (G + G.mH)).cpu() if host else 0.5 * (G + G.mH)
+        yy = y.mH.to(hdt) @ y.to(hdt)
+        yy = 0.5 * (yy + yy.mH)
+        with _one_thread():
+            th, W = torch.linalg.eigh(gh)
+            lam, E = torch.linalg.eigh(yy.cpu() if host else yy)
+        th, W = th.to(dev).flip(-1).clamp_min(0), W.to(dev).flip(-1)
+        lam, E = lam.to(dev).clamp_min(0), E.to(dev)
+        sig = th.sqrt()
+        F = lam.sqrt()[..., None].to(hdt) * (E.mH @ W[:, -y.shape[-1]:, :])   # (a, b, L)
+        rho = torch.linalg.vector_norm(F, dim=-2)                          # ‖σ̂_m res_m‖
+        rn = torch.where(sig > 0, rho / sig.clamp_min(torch.finfo(sig.dtype).tiny), rho.sqrt())
+        est_a, est_b = contract_bounds(sig, rn, k, factor=F, host=host)
+        est_a, est_b = est_a.clamp_min(floor), est_b.clamp_min(floor)
+        ok = torch.maximum(est_a, est_b) <= tol
+        L = Q.shape[-1]
+        last = it >= budget or L >= m
+        if bool(ok.any()):
+            sel = idx[ok]
+            wk = W[ok][..., :k]
+            uk = Q[ok] @ wk.to(dt)                                         # (s, m, k)
+            sk = sig[ok][..., :k]
+            inv = torch.where(sk > 0, 1 / sk.clamp_min(torch.finfo(sk.dtype).tiny),
+                              torch.zeros_like(sk))
+            vk = _orthonormal_columns(Ph[ok] @ wk * inv[..., None, :]).to(dt)   # Xᴴ U / σ̂
+            if flip:
+                uk, vk = vk, uk
+            U[sel], S[sel], V[sel] = uk, sk.to(rdt), vk
+            if need_grad:
+                Qs[sel] = uk
+            worst_a = max(worst_a, float(est_a[ok].max()))
+            worst_b = max(worst_b, float(est_b[ok].max()))
+        keep = ~ok
+        if last:
+            if bool(keep.any()):
+                give_up.append(idx[keep])
+            break
+        if not bool(keep.any()):
+            break
+        if not bool(keep.all()):
+            idx, xa, y, Q, Ph, G = idx[keep], xa[keep], y[keep], Q[keep], Ph[keep], G[keep]
+        # BCGS2: orthonormalise, project once more, orthonormalise (rank-deficient y:
+        # _orth's completion is made orthogonal to Q by the second projection)
+        if L + b > m:                                  # the last, partial block: span(Q) = C^m
+            y = y[..., :m - L]
+        q = _orth(y)
+        q = _orth(q - Q @ (Q.mH @ q))
+        pl = rmul(xa, q)
+        plh = pl.to(hdt)
+        gc = Ph.mH @ plh                                                   # (a, L, b)
+        G = torch.cat([torch.cat([G, gc], -1),
+                       torch.cat([gc.mH, plh.mH @ plh], -1)], -2)
+        Q, Ph = torch.cat([Q, q], -1), torch.cat([Ph, plh], -1)
+    fidx = torch.cat(give_up) if give_up else idx[:0]
+    return U, S, V, Qs, fidx, it, worst_a, worst_b
+
+
 def topk_svd(x: torch.Tensor, k: int, *, oversample: int | None = None,
              tol: float | None = None, max_iter: int | None = None,
-             generator: torch.Generator | None = None, cost_model: bool = True):
+             generator: torch.Generator | None = None, cost_model: bool = True,
+             algorithm: str | None = None):
     """Top-k SVD of a batch of matrices ``x (..., n1, n2)`` (real or complex) meeting the
     contract (a), (b) of the module docstring per matrix.
 
     Args:
         x: ``(..., n1, n2)``.
         k: ``1 <= k <= min(n1, n2)``.
-        oversample: extra subspace columns (``l = min(k + oversample, n1, n2)``), None for
+        oversample: extra columns: the block size of block Krylov, the subspace size of
+            subspace iteration (``l = min(k + oversample, n1, n2)``); None for
             :func:`auto_oversample`.
         tol: contract tolerance (default :data:`DEFAULT_TOL` for x's real dtype).
         max_iter: cap on the iterations (the cost model may allow fewer).
@@ -345,6 +523,8 @@ def topk_svd(x: torch.Tensor, k: int, *, oversample: int | None = None,
         cost_model: True: :func:`plan` decides up front between iterating and a full SVD and
             sets the iteration budget. False: iterate whenever ``l < min(n1, n2)``, with a
             budget of ``max_iter`` (default :data:`DEFAULT_MAX_ITER`) iterations.
+        algorithm: ``"krylov"`` (block Krylov, a block step = two products with l columns)
+            or ``"subspace"`` (subspace iteration); None for :data:`ALGORITHM`.
     Returns:
         ``U (..., n1, k)``, ``S (..., k)`` real descending, ``V (..., n2, k)`` in x's dtype
         with ``x ≈ U diag(S) Vᴴ``, and an info dict (``iterations``, ``fallback``, ``full``,
@@ -359,14 +539,17 @@ def topk_svd(x: torch.Tensor, k: int, *, oversample: int | None = None,
     hdt = _hi(dt)
     if tol is None:
         tol = DEFAULT_TOL.get(rdt, 1e-4)
+    algorithm = ALGORITHM if algorithm is None else algorithm
+    if algorithm not in ("krylov", "subspace"):
+        raise ValueError(f"algorithm: expected 'krylov' or 'subspace', got {algorithm!r}")
     if oversample is None:
-        oversample = auto_oversample(k)
+        oversample = auto_oversample(k, algorithm)
     l = min(p, k + max(int(oversample), 1))
     xb = x.detach().reshape(-1, n1, n2)
     nb = xb.shape[0]
     host = _small_on_host(x.device)
     if cost_model:
-        use_iter, budget = plan(n1, n2, k, l, dt.is_complex, max_iter)
+        use_iter, budget = plan(n1, n2, k, l, dt.is_complex, max_iter, algorithm)
     else:
         budget = DEFAULT_MAX_ITER if max_iter is None else int(max_iter)
         use_iter = l < p and budget >= 1
@@ -382,6 +565,18 @@ def topk_svd(x: torch.Tensor, k: int, *, oversample: int | None = None,
         return (u.reshape(*batch, n1, k), s.reshape(*batch, k), v.reshape(*batch, n2, k), info)
     if generator is None:
         generator = torch.Generator(device=x.device).manual_seed(0)
+    if algorithm == "krylov":
+        with torch.no_grad():
+            U, S, V, Qs, fidx, it, worst_a, worst_b = _krylov(xb, k, l, tol, budget,
+                                                              generator, host, need_grad)
+            info.update(iterations=it, est_a=worst_a, est_b=worst_b,
+                        fallback=int(fidx.numel()))
+            if fidx.numel() > 0 and not need_grad:
+                U[fidx], S[fidx], V[fidx] = _full(xb[fidx], k)
+        if need_grad:
+            U, S, V = _differentiable(x.reshape(-1, n1, n2), Qs, fidx, k)
+        return (U.reshape(*batch, n1, k), S.reshape(*batch, k), V.reshape(*batch, n2, k),
+                info)
     with torch.no_grad():
         U = x.new_empty(nb, n1, k)
         S = torch.empty(nb, k, dtype=rdt, device=x.device)
