@@ -9,8 +9,9 @@ is ``Q1 diag(i^-a) Q2ᵀ + noise`` with its own random orthonormal Q1, Q2 (a = 1
 Gaussian noise of spectral norm ~1e-3 (relative to σ_1 = 1); after the DFT along the tubes the
 spectra are flatter and their gaps small (48x768x768, pow0.7: σ8/σ9 ≈ 1.015, σ32/σ8 ≈ 0.80).
 ``gauss`` is i.i.d. Gaussian (flat). ``--weights`` adds the stacked q/k/v/out, MLP up and MLP
-down weights of a UNETR checkpoint (a MONAI state dict, e.g. the demo's pre-trained model under
-~/.cache/tsvd); skipped when not given or absent.
+down weights of a UNETR checkpoint (a MONAI state dict as ``.pt`` or ``.safetensors``, e.g. the
+demo's pre-trained model, ``~/.cache/tsvd/pretrained/unetr-cpu-source-*/model_last.safetensors``);
+skipped when not given or absent.
 
 Timed side by side in one process, interleaved, min over ``--reps``: the batched half-spectrum
 SVD (rfft + ``torch.linalg.svd`` of the ⌊n3/2⌋+1 slices, DC/Nyquist real: ``reference.hat_svd``),
@@ -57,8 +58,12 @@ def make(n3, n1, n2, spectrum, noise=1e-3, seed=0):
 def unetr_stacks(path):
     """The three LoRA-PT stacks (attention 48x768x768, MLP up 12x3072x768, down 12x768x3072)
     of a MONAI UNETR state dict."""
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    sd = sd.get("state_dict", sd)
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+        sd = load_file(path)
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = sd.get("state_dict", sd)
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     att, up, down = [], [], []
     for b in range(12):
@@ -99,7 +104,8 @@ def main():
     ap.add_argument("--loop", action="store_true", help="also time the published per-slice loop")
     ap.add_argument("--check", type=int, default=0,
                     help="stored slices checked in float64 (0: all of them)")
-    ap.add_argument("--weights", default=None, help="UNETR checkpoint (MONAI state dict)")
+    ap.add_argument("--weights", default=None,
+                    help="UNETR weights (MONAI state dict, .pt or .safetensors)")
     ap.add_argument("--algorithms", default="krylov",
                     help="comma list of tsvd._lowrank.ALGORITHM values to time side by side "
                          "(krylov: block Krylov, the default; subspace: subspace iteration)")
