@@ -246,3 +246,22 @@ def test_block_krylov_uses_fewer_products_than_subspace_iteration():
     cols_k = 2 * ik["l"] * (ik["iterations"] + 1)
     cols_s = isub["l"] * (2 * isub["iterations"] + 1)
     assert cols_k < 0.6 * cols_s, (ik, isub)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_thick_restart_keeps_the_contract(dtype, monkeypatch):
+    """With the basis capped at 48 columns (cut back to the top 16 Ritz vectors whenever
+    another block of 16 would not fit), block Krylov still meets (a) and (b) against the
+    float64 SVD; the Gaussian matrices need several restarts (more steps than 48 columns
+    hold), the decaying ones none."""
+    monkeypatch.setattr(_lowrank, "restart_size", lambda k, b: (48, 2 * k + 8))
+    k = 4
+    tol = 1e-4 if dtype == torch.float32 else 1e-9
+    for kind in ("decay", "gauss"):
+        x = matrices(kind, 2, 200, 150, k, cplx=True, dtype=dtype, seed=21)
+        u, s, v, info = _lowrank.topk_svd(x, k, tol=tol, cost_model=False, algorithm="krylov")
+        assert info["fallback"] == 0, info
+        if kind == "gauss":
+            assert info["iterations"] >= 6, info
+        a, b, _ = contract(x, u, s, v, k)
+        assert (a <= tol).all() and (b <= tol).all(), (kind, a, b, info)

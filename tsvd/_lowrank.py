@@ -119,6 +119,15 @@ FULL_SVD_COST = 3.0
 #: 48 x 768 per slice) was 113 ms of device time and the bounds' eigvalsh 69 ms. The "host"
 #: path has not been timed on a GPU yet.
 SMALL_LINALG = "auto"
+#: block Krylov's cost model (:func:`plan`), in units of a product of X with one column.
+#: Measured on the 2-core CPU (torch 2.13, 2 threads, 23 complex64 slices of 768 x 768,
+#: 2026-12-04): a batched full SVD 9.1 p units; a (23, L, L) complex128 eigh on one thread
+#: 19 / 96 / 335 / 949 units at L = 64 / 128 / 216 / 320, about 25 L³ / (n1 n2) above L = 128;
+#: the basis work fitted to the step times of Gaussian k = 32 runs (550 units a step at
+#: L ≈ 170, b = 40, of which 112 products and about 200 eigh).
+KRYLOV_FULL_SVD = 9.0
+KRYLOV_EIGH = 25.0
+KRYLOV_BASIS = 25.0
 #: the iteration: "krylov" (block Krylov, the default) or "subspace" (subspace iteration, kept
 #: for comparison: ``bench/tsvd_topk.py --algorithms``)
 ALGORITHM = "krylov"
@@ -161,12 +170,14 @@ def plan(n1: int, n2: int, k: int, l: int, complex_: bool, max_iter: int | None 
     below a full SVD of the same slice (at most ``max_iter``); iterate only when that budget
     is at least :data:`MIN_ITERS` + 1.
 
-    Units: one multiply-add with each entry of X (``n1 n2``). A full SVD costs
-    ``FULL_SVD_COST * p`` (``p = min(n1, n2)``); a product with c columns ``c + 16`` (bound by
-    reading X below ~16 columns). A block Krylov step with block l: two products, the
-    projection and re-projection against the ``L = (step + 1) l`` basis columns
-    (``4 L l / max(n1, n2)``), the float64 update of the projected matrix (``2 L l / p``) and
-    its ``L x L`` eigendecomposition (``≈ 10 L³ / (n1 n2)``, float64)."""
+    Units: a product of X with one column, ``n1 n2`` multiply-adds; a product with c columns
+    costs ``c + 16`` (bound by reading X below ~16 columns). Subspace iteration: a full SVD
+    costs ``FULL_SVD_COST * p`` (``p = min(n1, n2)``) and an iteration two products. Block
+    Krylov (constants measured on the 2-core CPU, torch 2.13, 768 x 768 complex64 slices,
+    2026-12-04, in these units): a full SVD ``KRYLOV_FULL_SVD * p``; a block step with block l
+    and basis L two products, the basis work (projections, the float64 copy of Xᴴ Q and its
+    Gram update, restarts: ``KRYLOV_BASIS * L l / p``) and the ``L x L`` complex128
+    eigendecomposition (``KRYLOV_EIGH * L³ / (n1 n2)``), L following :func:`restart_size`."""
     algorithm = ALGORITHM if algorithm is None else algorithm
     p, big = min(n1, n2), max(n1, n2)
     cap = DEFAULT_MAX_ITER if max_iter is None else int(max_iter)
@@ -177,13 +188,16 @@ def plan(n1: int, n2: int, k: int, l: int, complex_: bool, max_iter: int | None 
         one = 2.0 * (l + 16)
         budget = min(int(full // one) - 1, cap)         # -1: the initial sketch
         return budget >= MIN_ITERS + 1, max(budget, 0)
+    full = KRYLOV_FULL_SVD * p
     spent, steps = 2.0 * (l + 16), 0                     # the start: X Ω and Xᴴ Q_0
-    while steps < cap and (steps + 2) * l <= p:
-        L = (steps + 1) * l
-        one = 2.0 * (l + 16) + 4.0 * L * l / big + 2.0 * L * l / p + 10.0 * L ** 3 / (n1 * n2)
+    lmax, kept = restart_size(k, l)
+    L = l
+    while steps < cap and (lmax < p or L + l <= p):
+        one = 2.0 * (l + 16) + KRYLOV_BASIS * L * l / p + KRYLOV_EIGH * L ** 3 / (n1 * n2)
         if spent + one > full:
             break
         spent, steps = spent + one, steps + 1
+        L = kept + l if L + l > lmax else L + l
     return steps >= MIN_ITERS + 1, steps
 
 
@@ -403,6 +417,19 @@ def _rounding_floor(dt, n: int) -> float:
     return torch.finfo(_real_dtype(dt)).eps * n ** 0.5
 
 
+def restart_size(k: int, b: int) -> tuple[int, int]:
+    """Block Krylov's thick restart: ``(lmax, kept)``. When the basis would grow beyond
+    ``lmax`` columns it is cut to the top ``kept`` Ritz vectors, so that the ``L x L``
+    eigenproblem of every step (``KRYLOV_EIGH * L³`` in :func:`plan`'s units) stays near the
+    cost of the step's two products. ``kept = 2k + b``, ``lmax = max(kept + 4b, 128)``.
+    Measured on 48x768x768 (2 cores, float32, 2026-12-04): Gaussian slices at k = 32,
+    tol 1e-3 took 11 steps and 3.9 s this way, 9 steps and 5.7 s without restarts (the
+    eigenproblems grew to 360 x 360), 40+ steps with ``lmax`` 160; at k = 8, tol 1e-4,
+    ``(lmax, kept) = (128, 32)`` took 1.5 s, ``(96, 24)`` did not converge in 25 steps."""
+    kept = 2 * k + b
+    return max(kept + 4 * b, 128), kept
+
+
 def _krylov(xb, k, b, tol, budget, generator, host, need_grad):
     """Block Krylov (block Lanczos on ``X Xᴴ`` with full reorthogonalisation) on every matrix
     of ``xb (a, n1, n2)``; the basis lives on the shorter side. See the module docstring.
@@ -431,6 +458,7 @@ def _krylov(xb, k, b, tol, budget, generator, host, need_grad):
     V = xb.new_empty(nb, n2, k)
     Qs = xb.new_empty(nb, n1, k) if need_grad else None
     floor = _rounding_floor(dt, n)
+    lmax, kept = restart_size(k, b)
     omega = torch.randn(n, b, dtype=dt, device=dev, generator=generator)
     q = _orth(mul(xa, omega))                          # Q_0 (a, m, b)
     pl = rmul(xa, q)                                   # P_0 = Aᴴ Q_0 (a, n, b)
@@ -487,6 +515,15 @@ def _krylov(xb, k, b, tol, budget, generator, host, need_grad):
             break
         if not bool(keep.all()):
             idx, xa, y, Q, Ph, G = idx[keep], xa[keep], y[keep], Q[keep], Ph[keep], G[keep]
+            W = W[keep]
+        if L + b > lmax and lmax < m:
+            # thick restart: keep the top `kept` Ritz vectors. A Aᴴ U_kept = U_kept Θ + Y W_j
+            # still holds with Y outside span(U_kept), so the next block is orth(Y) as before
+            # and the projected matrix stays exact; the L x L eigenproblem stays bounded.
+            wk = W[..., :kept]
+            Q, Ph = Q @ wk.to(dt), Ph @ wk
+            G = Ph.mH @ Ph
+            L = kept
         # BCGS2: orthonormalise, project once more, orthonormalise (rank-deficient y:
         # _orth's completion is made orthogonal to Q by the second projection)
         if L + b > m:                                  # the last, partial block: span(Q) = C^m
