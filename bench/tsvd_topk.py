@@ -130,7 +130,7 @@ def main():
             "loadavg_start": load, "argv": sys.argv[1:], "dtype": "float32"}
     print(json.dumps(meta), flush=True)
     cases = []
-    for sh in a.shapes.split(","):
+    for sh in filter(None, a.shapes.split(",")):      # --shapes "": only the --weights cases
         n3, n1, n2 = (int(v) for v in sh.split("x"))
         for sp in a.spectra.split(","):
             cases.append((f"{sp} {n3}x{n1}x{n2}", lambda n3=n3, n1=n1, n2=n2, sp=sp: make(n3, n1, n2, sp)))

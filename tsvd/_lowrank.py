@@ -126,6 +126,12 @@ SMALL_LINALG = "auto"
 #: the basis work fitted to the step times of Gaussian k = 32 runs (550 units a step at
 #: L ≈ 170, b = 40, of which 112 products and about 200 eigh).
 KRYLOV_FULL_SVD = 9.0
+#: block Krylov is chosen only when the budget allows this many block steps: flat spectra took
+#: 7-18 steps at tol 1e-3/1e-4 (bench/tsvd_topk.py, 2026-12-04), and with a budget of 5-6 steps
+#: (the cpu preset's 192-wide UNETR stacks) every slice of the trained weights fell back to the
+#: full SVD after iterating: 0.55x the full SVD's speed. With 8 those shapes take the full SVD
+#: up front.
+KRYLOV_MIN_STEPS = 8
 KRYLOV_EIGH = 25.0
 KRYLOV_BASIS = 25.0
 #: the iteration: "krylov" (block Krylov, the default) or "subspace" (subspace iteration, kept
@@ -168,7 +174,8 @@ def plan(n1: int, n2: int, k: int, l: int, complex_: bool, max_iter: int | None 
     """Cost model: ``(use_iteration, budget)``. ``budget`` is the number of iterations (block
     Krylov: block steps; subspace iteration: iterations) whose modelled cost stays at or
     below a full SVD of the same slice (at most ``max_iter``); iterate only when that budget
-    is at least :data:`MIN_ITERS` + 1.
+    is at least :data:`MIN_ITERS` + 1 (subspace iteration) or :data:`KRYLOV_MIN_STEPS`
+    (block Krylov).
 
     Units: a product of X with one column, ``n1 n2`` multiply-adds; a product with c columns
     costs ``c + 16`` (bound by reading X below ~16 columns). Subspace iteration: a full SVD
@@ -198,7 +205,7 @@ def plan(n1: int, n2: int, k: int, l: int, complex_: bool, max_iter: int | None 
             break
         spent, steps = spent + one, steps + 1
         L = kept + l if L + l > lmax else L + l
-    return steps >= MIN_ITERS + 1, steps
+    return steps >= KRYLOV_MIN_STEPS, steps
 
 
 def contract_bounds(sig: torch.Tensor, rn: torch.Tensor, k: int,
