@@ -265,3 +265,21 @@ def test_thick_restart_keeps_the_contract(dtype, monkeypatch):
             assert info["iterations"] >= 6, info
         a, b, _ = contract(x, u, s, v, k)
         assert (a <= tol).all() and (b <= tol).all(), (kind, a, b, info)
+
+
+@pytest.mark.parametrize("algorithm", ["krylov", "subspace"])
+@pytest.mark.parametrize("n1,n2", [(70, 50), (50, 70)])
+def test_randomized_gradient_of_singular_values(algorithm, n1, n2):
+    """Through the iterated path (X requires grad), d(Σ S_i)/dX = Σ_{i<=k} u_i v_iᵀ, the
+    derivative of the top-k singular values, with u, v from a float64 LAPACK SVD (the
+    oracle); a gapped spectrum, so the top-k vectors are well defined."""
+    k = 4
+    x = matrices("gapped", 2, n1, n2, k, cplx=False, dtype=torch.float64, seed=5)
+    x.requires_grad_(True)
+    u, s, v, info = _lowrank.topk_svd(x, k, tol=1e-12, cost_model=False, algorithm=algorithm)
+    assert info["fallback"] == 0 and info["iterations"] >= 1
+    s.sum().backward()
+    uo, _, vho = torch.linalg.svd(x.detach(), full_matrices=False)
+    want = uo[..., :k] @ vho[..., :k, :]
+    # the subspace is held fixed: exact up to its accuracy (sin Θ <= sqrt(tol ‖X_k‖² / gap))
+    assert torch.allclose(x.grad, want, atol=1e-5), float((x.grad - want).abs().max())
