@@ -919,21 +919,23 @@ def test_quick_plan_fits_twenty_minutes():
     args = p.parse_args(["--quick"])
     S = CLI.settings_from_args(args)
     vs = CLI.variants_from_args(args)
-    assert [v["name"] for v in vs] == ["decoder", "lora-r8", "lorapt-r8", "lorapt-r8-nodec",
-                                       "template-prior"]
+    assert [v["name"] for v in vs] == ["decoder", "lora-r8", "lorapt-r8", "template-prior"]
     assert CLI.variants_from_args(p.parse_args(["--quick", "--variants", "lora:4"])) == \
         PL.parse_variants("lora:4")
     js = PL.jobs(S, vs, PL.QUICK_LR_GRID)
     phases = [j["phase"] for j in js]
-    assert (phases.count("prior"), phases.count("sweep"), phases.count("final")) == (1, 12, 4)
+    assert (phases.count("prior"), phases.count("sweep"), phases.count("final")) == (1, 3, 3)
     assert all(j["reuses_sweep"] for j in js if j["phase"] == "final")
-    assert PL.steps_per_run(S) == 48
+    # one rate per trained method, inside the full grid (the full comparison's choice)
+    assert {j["lr"] for j in js if j["phase"] == "sweep"} == {5e-3}
+    assert all(PL.QUICK_LR_GRID[m][0] in PL.LR_GRID[m] for m in ("decoder", "lora", "lorapt"))
+    assert PL.steps_per_run(S) == 320
     cal = dict(CAL_2026_11_27, step_s={v["name"]: 1.13 for v in vs})
     est = sum(PL.estimate_run(S, S["n_train"], j, cal) for j in js) / 2     # 2 workers
-    # by hand: 12 trainings of 48 steps + 16 subjects' preprocessing + 3 epochs of 4
-    # validation forwards; 4 tests of 20 subjects; the prior's 20 subjects
-    train = 48 * 1.13 + 16 * 0.15 + 3 * 4 * 0.34
-    by_hand = (12 * train + 4 * 20 * (2 * 0.15 + 0.34) + 20 * 2 * 0.15) / 2
+    # by hand: 3 trainings of 320 steps + 16 subjects' preprocessing + 20 epochs of 4
+    # validation forwards; 3 tests of 20 subjects; the prior's 20 subjects
+    train = 320 * 1.13 + 16 * 0.15 + 20 * 4 * 0.34
+    by_hand = (3 * train + 3 * 20 * (2 * 0.15 + 0.34) + 20 * 2 * 0.15) / 2
     assert est == pytest.approx(by_hand)
     assert est * PL.ESTIMATE_RATIO < PL.QUICK_BUDGET_S == 20 * 60
     assert "--quick" in p.format_help() and PL.QUICK_VARIANTS in p.format_help()
@@ -955,10 +957,9 @@ def test_quick_prints_its_estimate_before_running(tmp_path, monkeypatch, capsys)
     assert CLI.main(["--quick", "--estimate-only", "--workers", "2", "--out", str(out),
                      "--cache", str(tmp_path / "cache")]) == 0
     text = capsys.readouterr().out
-    assert seen["variants"] == ["decoder", "lora-r8", "lorapt-r8", "lorapt-r8-nodec",
-                                "template-prior"]
-    assert "17 runs (12 trainings" in text and "1 template-prior evaluations" in text
-    assert "estimated time for the 17 remaining runs: 6m33s" in text     # 6.55 min by hand
+    assert seen["variants"] == ["decoder", "lora-r8", "lorapt-r8", "template-prior"]
+    assert "7 runs (3 trainings" in text and "1 template-prior evaluations" in text
+    assert "estimated time for the 7 remaining runs: 10m09s" in text    # 609 s by hand
     assert "note: this --quick plan" not in text
     assert not (out / "plan.json").exists()                              # nothing was run
 

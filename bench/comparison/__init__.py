@@ -3,7 +3,7 @@ PiSSA (and DoRA) on the embedded hippocampus datasets, side by side, with learni
 on the validation split, mean ± std over seeds and per-subject paired tests.
 
     python bench/compare.py --out cmp-full             # the full comparison (CPU preset)
-    python bench/compare.py --quick --out cmp-quick    # 1 seed, 1 protocol, 5 variants, < 20 min
+    python bench/compare.py --quick --out cmp-quick    # 1 seed, 1 protocol, 4 variants, < 20 min
     python bench/compare.py --out cmp-full             # again: continues where it stopped
     python bench/compare.py --estimate-only            # the plan and its estimated time
 
@@ -126,9 +126,9 @@ input, and the preprocessing of one subject) gives the estimated total, printed 
 1 h 30 min measured for the full comparison of 6 variants on 2 cores, 2026-11-27; the
 estimate is also printed times that ratio, ``plan.ESTIMATE_RATIO``); after every run the
 remaining time is re-estimated from the runs measured so far. ``--quick`` (variants
-``decoder,lora:8,lorapt:8,lorapt:8:nodec,prior``, 12 trainings of 48 steps) is sized to 20
-minutes on 2 cores from the measured figures (``plan.QUICK``'s comment); it says so when its
-estimate on the machine at hand is above.
+``decoder,lora:8,lorapt:8,prior``, 3 trainings of 320 steps at the rates the full
+comparison chose on validation, ``plan.QUICK_LR_GRID``) is sized to 20 minutes on 2 cores
+(``plan.QUICK``'s comment); it says so when its estimate on the machine at hand is above.
 """
 from __future__ import annotations
 

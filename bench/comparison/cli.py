@@ -31,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true",
                     help=f"one seed, protocol {Q['protocols'][0]}, the full-data regime "
                     f"only, {Q['epochs']} epochs × {Q['samples_per_epoch']} samples, "
-                    f"{len(P.QUICK_LR_GRID['lorapt'])} learning rates per method "
-                    f"and the variants {P.QUICK_VARIANTS} (what CI or a reviewer runs; "
+                    f"one learning rate per method (chosen on validation by the full "
+                    f"comparison) and the variants {P.QUICK_VARIANTS} (what a reviewer runs; "
                     f"sized to < {P.QUICK_BUDGET_S // 60} min on 2 CPU cores, the estimate is "
                     f"printed before the runs start)")
     ap.add_argument("--protocols", help="comma-separated embedded protocols (default "
