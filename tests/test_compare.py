@@ -710,6 +710,30 @@ def test_grid_extends_until_the_best_rate_is_bracketed(setup):
     assert getattr(fake2, "lrs", []) == []
 
 
+def test_resumed_comparison_runs_finals_of_complete_sweeps_first(setup):
+    """Interrupted after the decoder's and LoRA's sweeps: on resuming, LoRA's final run (its
+    optimum inside the grid, so no extension can move it) trains before LoRA-PT's sweep; the
+    decoder's does not (its best rate is at the grid's top: an extension follows). The
+    choices and the final runs are those of an uninterrupted run (the test above)."""
+    S = _settings(seeds=2, regimes={"full-data": 1.0}, protocols=["neuromorphometrics"],
+                  no_extend=False)
+    first = BeyondGridTrainer(fail_after=6)
+    with pytest.raises(KeyboardInterrupt):
+        _comparison(setup, first, S=S, variants="decoder,lora:8,lorapt:8",
+                    grid=dict(PL.LR_GRID)).run()
+    assert [m for m, _, _ in first.lrs] == ["decoder"] * 3 + ["lora"] * 3
+    fake = BeyondGridTrainer()
+    _comparison(setup, fake, S=S, variants="decoder,lora:8,lorapt:8", grid=dict(PL.LR_GRID)).run()
+    assert fake.lrs[0] == ("lora", 5e-3, 1)                     # LoRA's final, first
+    assert [m for m, _, _ in fake.lrs[1:4]] == ["lorapt"] * 3   # then the remaining sweep
+    ch = json.loads((setup[2] / "lr_choice.json").read_text())
+    assert [ch[f"full-data/neuromorphometrics/{n}"]["lr"]
+            for n in ("decoder", "lora-r8", "lorapt-r8")] == [7.812e-2, 5e-3, 3.125e-2]
+    finals = sorted((m, lr) for m, lr, seed in first.lrs + fake.lrs if seed == 1)
+    assert finals == [("decoder", 7.812e-2), ("lora", 5e-3), ("lorapt", 3.125e-2)]
+    assert len(first.lrs + fake.lrs) == 9 + 4 + 3               # nothing trained twice
+
+
 # ------------------------------------------------------------------------------------------
 # the template prior
 # ------------------------------------------------------------------------------------------
@@ -939,6 +963,11 @@ def test_quick_plan_fits_twenty_minutes():
     assert est == pytest.approx(by_hand)
     assert est * PL.ESTIMATE_RATIO < PL.QUICK_BUDGET_S == 20 * 60
     assert "--quick" in p.format_help() and PL.QUICK_VARIANTS in p.format_help()
+    # --quick's 3 trainings run at once (no later phase fills an idle core); else 2 workers
+    assert CLI.default_cpu_workers(True, vs, cpus=2) == 3
+    assert CLI.default_cpu_workers(False, vs, cpus=2) == 2
+    assert CLI.default_cpu_workers(True, PL.parse_variants("lora:4,prior"), cpus=2) == 2
+    assert CLI.default_cpu_workers(True, vs, cpus=1) == 1
 
 
 def test_quick_prints_its_estimate_before_running(tmp_path, monkeypatch, capsys):

@@ -20,6 +20,19 @@ def _grid_text(grid: dict) -> str:
     return "; ".join(f"{m} {','.join(fmt_lr(x) for x in v)}" for m, v in grid.items())
 
 
+def default_cpu_workers(quick: bool, variants: list[dict], cpus: int | None = None) -> int:
+    """Worker processes on a CPU when ``--workers`` is not given: 2 (1 on a 1-core CPU); with
+    ``--quick``, one per trained variant (up to 3), since every run is then a final run with
+    no later phase to fill a core left idle: its 3 trainings of 320 steps took 20 min 51 s
+    on 2 cores as 2 workers (2 rounds, the second on one core; 2026-12-04)."""
+    cpus = cpus or os.cpu_count() or 1
+    if cpus < 2:
+        return 1
+    if quick:
+        return max(2, min(3, sum(1 for v in variants if not P.is_prior(v))))
+    return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     doc = sys.modules[__package__].__doc__ or ""
     Q, F = P.QUICK, P.FULL
@@ -86,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, help="torch CPU threads (per worker with --workers)")
     ap.add_argument("--workers", type=int,
                     help="runs trained at once, each in its own process with CPU threads / "
-                    "workers torch threads (default: 2 on a CPU with 2 or more cores, 1 on "
-                    "CUDA). On this 2-core machine (2026-11-27, batch 2 steps) 2 workers x 1 "
+                    "workers torch threads (default: 2 on a CPU with 2 or more cores, with "
+                    "--quick one per trained variant up to 3; 1 on CUDA). On this 2-core machine (2026-11-27, batch 2 steps) 2 workers x 1 "
                     "thread made about 1.3x the training steps per second of 1 x 2 threads; "
                     "the time per step in the table is then that of one worker sharing the "
                     "machine")
@@ -139,15 +152,15 @@ def main(argv=None) -> int:
 def _main(args) -> int:
     t_all = time.time()
     S = settings_from_args(args)
-    if args.workers is None:
-        cuda = str(args.device).startswith("cuda") or (args.device in (None, "auto")
-                                                       and cuda_available())
-        args.workers = 1 if cuda else max(1, min(2, os.cpu_count() or 1))
-    if args.workers < 1:
+    if args.workers is not None and args.workers < 1:
         raise CompareError(f"--workers: expected a positive integer, got {args.workers}")
     if args.threads is not None and args.threads < 1:
         raise CompareError(f"--threads: expected a positive integer, got {args.threads}")
     variants = variants_from_args(args)
+    if args.workers is None:
+        cuda = str(args.device).startswith("cuda") or (args.device in (None, "auto")
+                                                       and cuda_available())
+        args.workers = 1 if cuda else default_cpu_workers(args.quick, variants)
     grid = P.parse_lrs(args.lrs, P.QUICK_LR_GRID if args.quick else P.LR_GRID)
     out = Path(args.out)
     if out.exists() and not out.is_dir():

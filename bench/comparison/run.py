@@ -517,8 +517,9 @@ class Comparison:
                 self._record(jobs, i, res, fresh, time.time() - t0)
         sweep = [i for i, j in enumerate(jobs) if j["phase"] == "sweep"]
         final = [i for i, j in enumerate(jobs) if j["phase"] == "final"]
-        self._run_phase(jobs, sweep)
         keys = list(dict.fromkeys(jobs[i]["key"] for i in sweep))
+        self._early_finals(jobs, sweep, final, keys)
+        self._run_phase(jobs, sweep)
         for key in keys:
             self._choose(key)
         # bracketing (P.EXTEND_GRID): one more rate beyond an end that won, then choose again
@@ -545,6 +546,34 @@ class Comparison:
         self.log(f"all {self._total} runs done; {fmt_time(time.time() - t_start)} in this "
                  f"session")
         return self.runs
+
+    def _early_finals(self, jobs, sweep, final, keys) -> None:
+        """On a resumed comparison: the final runs of every sweep that is already complete
+        and whose choice no extension can change (its rate inside the grid, or extensions
+        off) run before the remaining sweep runs. The same runs at the same rates as in the
+        usual order, only sooner, so that a comparison finished over several sittings has
+        its first complete rows early."""
+        done = [i for i in sweep if not self._pending(jobs[i])]
+        if not done or len(done) == len(sweep):
+            return
+        self._run_phase(jobs, done)                   # loads their results
+        early = []
+        for key in keys:
+            if any(self._pending(jobs[i]) for i in sweep if jobs[i]["key"] == key):
+                continue
+            self._choose(key)
+            edge = self.lr_choice[key].get("at_grid_edge")
+            if edge in ("lowest", "highest") and not self.S.get("no_extend"):
+                continue                              # an extension may still move it
+            for i in final:
+                if jobs[i]["key"] == key:
+                    jobs[i]["lr"] = self.lr_choice[key]["lr"]
+                    early.append(i)
+        if early:
+            self.log(f"final runs of {len(set(jobs[i]['key'] for i in early))} complete "
+                     f"sweep(s) first, before the {len(sweep) - len(done)} remaining sweep "
+                     f"run(s)")
+            self._run_phase(jobs, early)
 
     def _tag(self, i, job) -> str:
         if job["phase"] == "prior":
