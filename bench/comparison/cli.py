@@ -203,7 +203,9 @@ def _main(args) -> int:
     cal = None
     if todo and not args.no_calibrate:
         cal = P.calibrate(S, variants, datasets[S["protocols"][0]], args.device)
-        est = sum(cmp.estimate_run(j, cal) for j in todo) / args.workers
+        # workers beyond the cores share them: the runs finish no sooner than cores allow
+        est = sum(cmp.estimate_run(j, cal) for j in todo) / max(
+            1, min(args.workers, os.cpu_count() or 1))
         print(f"estimated time for the {len(todo)} remaining runs: {fmt_time(est)} "
               f"(from the calibration, assuming the workers do not slow each other; the "
               f"full comparison of 2026-11-27 took {P.ESTIMATE_RATIO:.2f}x its estimate: "
