@@ -283,3 +283,19 @@ def test_randomized_gradient_of_singular_values(algorithm, n1, n2):
     want = uo[..., :k] @ vho[..., :k, :]
     # the subspace is held fixed: exact up to its accuracy (sin Θ <= sqrt(tol ‖X_k‖² / gap))
     assert torch.allclose(x.grad, want, atol=1e-5), float((x.grad - want).abs().max())
+
+
+def test_budget_overrun_only_for_slices_about_to_converge(monkeypatch):
+    """With the cost model's budget one or two block steps short, the slices whose estimate
+    is falling fast enough finish within the half-budget overrun (no full SVD); with a budget
+    far short they are sent to the full SVD at the budget. The contract holds either way."""
+    k, tol = 4, 1e-4
+    x = matrices("gauss", 3, 300, 200, k, cplx=True, dtype=torch.float32, seed=3)
+    needed = _lowrank.topk_svd(x, k, tol=tol, cost_model=False)[3]["iterations"]
+    assert needed >= 6
+    for budget, fallback, steps in ((needed - 2, 0, needed), (needed - 4, 3, needed - 4)):
+        monkeypatch.setattr(_lowrank, "plan", lambda *a, b=budget, **kw: (True, b))
+        u, s, v, info = _lowrank.topk_svd(x, k, tol=tol, cost_model=True)
+        assert (info["fallback"], info["iterations"]) == (fallback, steps), (budget, info)
+        a, b, _ = contract(x, u, s, v, k)
+        assert (a <= tol).all() and (b <= tol).all()

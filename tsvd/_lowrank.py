@@ -437,12 +437,13 @@ def restart_size(k: int, b: int) -> tuple[int, int]:
     return max(kept + 4 * b, 128), kept
 
 
-def _krylov(xb, k, b, tol, budget, generator, host, need_grad):
+def _krylov(xb, k, b, tol, budget, generator, host, need_grad, extra=0):
     """Block Krylov (block Lanczos on ``X Xᴴ`` with full reorthogonalisation) on every matrix
     of ``xb (a, n1, n2)``; the basis lives on the shorter side. See the module docstring.
     Returns ``U, S, V`` (filled for the accepted matrices), the bases to differentiate
     through (or None), the indices of the matrices to give a full SVD, the number of block
-    steps and the largest accepted estimates."""
+    steps and the largest accepted estimates. ``extra``: block steps allowed past ``budget``
+    for matrices whose estimate's last rate predicts tol within them."""
     nb, n1, n2 = xb.shape
     flip = n1 > n2
     # A = Xᴴ when flipped, else X: (a, m, n), m <= n. Its products A Z and Aᴴ Q are written
@@ -473,6 +474,8 @@ def _krylov(xb, k, b, tol, budget, generator, host, need_grad):
     G = Ph.mH @ Ph                                     # Qᴴ X Xᴴ Q (a, L, L)
     idx = torch.arange(nb, device=dev)
     give_up, it, worst_a, worst_b = [], 0, 0.0, 0.0
+    # past the budget: the previous step's estimates, and who leaves the batch (see below)
+    prev, ok_or_stop = None, None
     while idx.numel() > 0:
         it += 1
         y = mul(xa, pl)                                # A Aᴴ Q_last
@@ -495,9 +498,23 @@ def _krylov(xb, k, b, tol, budget, generator, host, need_grad):
         rn = torch.where(sig > 0, rho / sig.clamp_min(torch.finfo(sig.dtype).tiny), rho.sqrt())
         est_a, est_b = contract_bounds(sig, rn, k, factor=F, host=host)
         est_a, est_b = est_a.clamp_min(floor), est_b.clamp_min(floor)
-        ok = torch.maximum(est_a, est_b) <= tol
+        est = torch.maximum(est_a, est_b)
+        ok = est <= tol
         L = Q.shape[-1]
-        last = it >= budget or L >= m
+        last = L >= m or it >= budget + extra
+        if it >= budget and not last:
+            # Past the budget, a slice goes on only while its estimate's rate over the last
+            # step predicts tol within the extra steps left: a few more block steps of a few
+            # slices cost far less than their full SVDs (about `budget` steps each).
+            tiny = torch.finfo(est.dtype).tiny
+            rate = est / prev.clamp_min(tiny) if prev is not None else torch.ones_like(est)
+            need = torch.log(tol / est.clamp_min(tiny)) / torch.log(rate.clamp(tiny, 0.99))
+            near = ~ok & (rate < 0.9) & (need <= budget + extra - it)
+            if not bool(near.any()):
+                last = True
+            elif not bool((ok | near).all()):
+                give_up.append(idx[~(ok | near)])
+                ok_or_stop = ok | ~near                # the others leave the batch now
         if bool(ok.any()):
             sel = idx[ok]
             wk = W[ok][..., :k]
@@ -513,13 +530,15 @@ def _krylov(xb, k, b, tol, budget, generator, host, need_grad):
                 Qs[sel] = uk
             worst_a = max(worst_a, float(est_a[ok].max()))
             worst_b = max(worst_b, float(est_b[ok].max()))
-        keep = ~ok
+        keep = ~ok_or_stop if ok_or_stop is not None else ~ok
+        ok_or_stop = None
         if last:
             if bool(keep.any()):
                 give_up.append(idx[keep])
             break
         if not bool(keep.any()):
             break
+        prev = est[keep]
         if not bool(keep.all()):
             idx, xa, y, Q, Ph, G = idx[keep], xa[keep], y[keep], Q[keep], Ph[keep], G[keep]
             W = W[keep]
@@ -611,8 +630,11 @@ def topk_svd(x: torch.Tensor, k: int, *, oversample: int | None = None,
         generator = torch.Generator(device=x.device).manual_seed(0)
     if algorithm == "krylov":
         with torch.no_grad():
-            U, S, V, Qs, fidx, it, worst_a, worst_b = _krylov(xb, k, l, tol, budget,
-                                                              generator, host, need_grad)
+            # the cost model's budget may be overrun by half for slices about to meet tol;
+            # an explicit max_iter (cost_model=False) is a hard cap
+            U, S, V, Qs, fidx, it, worst_a, worst_b = _krylov(
+                xb, k, l, tol, budget, generator, host, need_grad,
+                extra=budget // 2 if cost_model else 0)
             info.update(iterations=it, est_a=worst_a, est_b=worst_b,
                         fallback=int(fidx.numel()))
             if fidx.numel() > 0 and not need_grad:
