@@ -474,7 +474,7 @@ def _krylov(xb, k, b, tol, budget, generator, host, need_grad, extra=0):
     G = Ph.mH @ Ph                                     # Qᴴ X Xᴴ Q (a, L, L)
     idx = torch.arange(nb, device=dev)
     give_up, it, worst_a, worst_b = [], 0, 0.0, 0.0
-    # past the budget: the previous step's estimates, and who leaves the batch (see below)
+    # past the budget: the best estimates so far and their rates, who leaves the batch
     prev, ok_or_stop = None, None
     while idx.numel() > 0:
         it += 1
@@ -502,13 +502,20 @@ def _krylov(xb, k, b, tol, budget, generator, host, need_grad, extra=0):
         ok = est <= tol
         L = Q.shape[-1]
         last = L >= m or it >= budget + extra
+        # per slice: the best estimate so far and the rate of its last improvement (the
+        # estimate jumps up for a step after a thick restart: the new block's Ritz pairs are
+        # far from converged and enlarge the estimated norm outside the kept ones)
+        tiny = torch.finfo(est.dtype).tiny
+        if prev is None:
+            best, rate = est, torch.ones_like(est)
+        else:
+            best = torch.minimum(prev[0], est)
+            rate = torch.where(best < prev[0], best / prev[0].clamp_min(tiny), prev[1])
         if it >= budget and not last:
-            # Past the budget, a slice goes on only while its estimate's rate over the last
-            # step predicts tol within the extra steps left: a few more block steps of a few
+            # Past the budget, a slice goes on only while the rate of its best estimate
+            # predicts tol within the extra steps left: a few more block steps of a few
             # slices cost far less than their full SVDs (about `budget` steps each).
-            tiny = torch.finfo(est.dtype).tiny
-            rate = est / prev.clamp_min(tiny) if prev is not None else torch.ones_like(est)
-            need = torch.log(tol / est.clamp_min(tiny)) / torch.log(rate.clamp(tiny, 0.99))
+            need = torch.log(tol / best.clamp_min(tiny)) / torch.log(rate.clamp(tiny, 0.99))
             near = ~ok & (rate < 0.9) & (need <= budget + extra - it)
             if not bool(near.any()):
                 last = True
@@ -538,7 +545,7 @@ def _krylov(xb, k, b, tol, budget, generator, host, need_grad, extra=0):
             break
         if not bool(keep.any()):
             break
-        prev = est[keep]
+        prev = (best[keep], rate[keep])
         if not bool(keep.all()):
             idx, xa, y, Q, Ph, G = idx[keep], xa[keep], y[keep], Q[keep], Ph[keep], G[keep]
             W = W[keep]
