@@ -148,8 +148,10 @@ def tsvd(X: torch.Tensor, k: int | None = None, *, transform="fft", method: str 
             approximation of X (Eckart-Young, per slice), to within ``tol`` (below).
         method: ``"full"`` (a full SVD of every slice), ``"randomized"`` (block Krylov from
             a Gaussian start, with Rayleigh-Ritz, whose cost grows with k, checked per slice
-            against the contract below after every block step, up to 40 steps; a slice that
-            does not meet it then gets a full SVD), or
+            against the contract below after every block step, up to 40 steps (with
+            ``"auto"``: the cost model's budget, and up to half as many again for a slice
+            whose estimate is about to meet it); a slice that does not meet it then gets a
+            full SVD), or
             ``"auto"`` (the default: a cost model measured on a 2-core CPU,
             :func:`tsvd._lowrank.plan`, decides up front between the two and caps the
             iterations at the cost of a full SVD; the full SVD whenever X requires grad).
