@@ -443,7 +443,7 @@ def _krylov(xb, k, b, tol, budget, generator, host, need_grad, extra=0):
     Returns ``U, S, V`` (filled for the accepted matrices), the bases to differentiate
     through (or None), the indices of the matrices to give a full SVD, the number of block
     steps and the largest accepted estimates. ``extra``: block steps allowed past ``budget``
-    for matrices whose estimate's last rate predicts tol within them."""
+    for matrices whose best estimate's rate predicts tol within them."""
     nb, n1, n2 = xb.shape
     flip = n1 > n2
     # A = Xᴴ when flipped, else X: (a, m, n), m <= n. Its products A Z and Aᴴ Q are written
@@ -474,8 +474,7 @@ def _krylov(xb, k, b, tol, budget, generator, host, need_grad, extra=0):
     G = Ph.mH @ Ph                                     # Qᴴ X Xᴴ Q (a, L, L)
     idx = torch.arange(nb, device=dev)
     give_up, it, worst_a, worst_b = [], 0, 0.0, 0.0
-    # past the budget: the best estimates so far and their rates, who leaves the batch
-    prev, ok_or_stop = None, None
+    prev = None                     # (best estimate so far, rate of its last improvement)
     while idx.numel() > 0:
         it += 1
         y = mul(xa, pl)                                # A Aᴴ Q_last
@@ -511,6 +510,7 @@ def _krylov(xb, k, b, tol, budget, generator, host, need_grad, extra=0):
         else:
             best = torch.minimum(prev[0], est)
             rate = torch.where(best < prev[0], best / prev[0].clamp_min(tiny), prev[1])
+        leave = ok                                     # slices that leave the batch now
         if it >= budget and not last:
             # Past the budget, a slice goes on only while the rate of its best estimate
             # predicts tol within the extra steps left: a few more block steps of a few
@@ -521,7 +521,7 @@ def _krylov(xb, k, b, tol, budget, generator, host, need_grad, extra=0):
                 last = True
             elif not bool((ok | near).all()):
                 give_up.append(idx[~(ok | near)])
-                ok_or_stop = ok | ~near                # the others leave the batch now
+                leave = ok | ~near
         if bool(ok.any()):
             sel = idx[ok]
             wk = W[ok][..., :k]
@@ -537,8 +537,7 @@ def _krylov(xb, k, b, tol, budget, generator, host, need_grad, extra=0):
                 Qs[sel] = uk
             worst_a = max(worst_a, float(est_a[ok].max()))
             worst_b = max(worst_b, float(est_b[ok].max()))
-        keep = ~ok_or_stop if ok_or_stop is not None else ~ok
-        ok_or_stop = None
+        keep = ~leave
         if last:
             if bool(keep.any()):
                 give_up.append(idx[keep])
