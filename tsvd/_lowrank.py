@@ -472,7 +472,12 @@ def _krylov(xb, k, b, tol, budget, generator, host, need_grad, extra=0):
     pl = rmul(xa, q)                                   # P_0 = Aᴴ Q_0 (a, n, b)
     Q, Ph = q, pl.to(hdt)                              # the basis and Xᴴ Q (float64)
     G = Ph.mH @ Ph                                     # Qᴴ X Xᴴ Q (a, L, L)
-    idx = torch.arange(nb, device=dev)
+    # host: everything of size O(a L²) after the two small Gram matrices (the eigenproblems,
+    # the bounds, the per-slice decisions, the index bookkeeping) runs on the CPU, so that a
+    # block step issues a few dozen device ops and its decisions need no device sync (on an
+    # H200 the step was bound by the host's launches, not by the device: 2026-12-04).
+    sdev = torch.device("cpu") if host else dev
+    idx = torch.arange(nb, device=sdev)
     give_up, it, worst_a, worst_b = [], 0, 0.0, 0.0
     prev = None                     # (best estimate so far, rate of its last improvement)
     while idx.numel() > 0:
@@ -483,19 +488,19 @@ def _krylov(xb, k, b, tol, budget, generator, host, need_grad, extra=0):
         # X Xᴴ U - U diag(θ) = Y W_last (W_last: W's rows of the last block), so σ̂_m res_m
         # = Y w_m with the Gram matrix W_lastᴴ (Yᴴ Y) W_last = Fᴴ F, F = Λ^½ Eᴴ W_last
         # (Yᴴ Y = E Λ Eᴴ): r x L with r = b, however large L grows.
-        gh = (0.5 * (G + G.mH)).cpu() if host else 0.5 * (G + G.mH)
         yy = y.mH.to(hdt) @ y.to(hdt)
-        yy = 0.5 * (yy + yy.mH)
+        gh, yy = (0.5 * (G + G.mH)).to(sdev), (0.5 * (yy + yy.mH)).to(sdev)
         with _one_thread():
             th, W = torch.linalg.eigh(gh)
-            lam, E = torch.linalg.eigh(yy.cpu() if host else yy)
-        th, W = th.to(dev).flip(-1).clamp_min(0), W.to(dev).flip(-1)
-        lam, E = lam.to(dev).clamp_min(0), E.to(dev)
+            lam, E = torch.linalg.eigh(yy)
+        th, W = th.flip(-1).clamp_min(0), W.flip(-1)                       # on sdev
+        lam = lam.clamp_min(0)
+        Wd = W.to(dev)                                                     # W on x's device
         sig = th.sqrt()
         F = lam.sqrt()[..., None].to(hdt) * (E.mH @ W[:, -y.shape[-1]:, :])   # (a, b, L)
         rho = torch.linalg.vector_norm(F, dim=-2)                          # ‖σ̂_m res_m‖
         rn = torch.where(sig > 0, rho / sig.clamp_min(torch.finfo(sig.dtype).tiny), rho.sqrt())
-        est_a, est_b = contract_bounds(sig, rn, k, factor=F, host=host)
+        est_a, est_b = contract_bounds(sig, rn, k, factor=F)
         est_a, est_b = est_a.clamp_min(floor), est_b.clamp_min(floor)
         est = torch.maximum(est_a, est_b)
         ok = est <= tol
@@ -524,9 +529,9 @@ def _krylov(xb, k, b, tol, budget, generator, host, need_grad, extra=0):
                 leave = ok | ~near
         if bool(ok.any()):
             sel = idx[ok]
-            wk = W[ok][..., :k]
+            wk = Wd[ok][..., :k]
             uk = Q[ok] @ wk.to(dt)                                         # (s, m, k)
-            sk = sig[ok][..., :k]
+            sk = sig[ok][..., :k].to(dev)
             inv = torch.where(sk > 0, 1 / sk.clamp_min(torch.finfo(sk.dtype).tiny),
                               torch.zeros_like(sk))
             vk = _orthonormal_columns(Ph[ok] @ wk * inv[..., None, :]).to(dt)   # Xᴴ U / σ̂
@@ -547,12 +552,12 @@ def _krylov(xb, k, b, tol, budget, generator, host, need_grad, extra=0):
         prev = (best[keep], rate[keep])
         if not bool(keep.all()):
             idx, xa, y, Q, Ph, G = idx[keep], xa[keep], y[keep], Q[keep], Ph[keep], G[keep]
-            W = W[keep]
+            Wd = Wd[keep]
         if L + b > lmax and lmax < m:
             # thick restart: keep the top `kept` Ritz vectors. A Aᴴ U_kept = U_kept Θ + Y W_j
             # still holds with Y outside span(U_kept), so the next block is orth(Y) as before
             # and the projected matrix stays exact; the L x L eigenproblem stays bounded.
-            wk = W[..., :kept]
+            wk = Wd[..., :kept]
             Q, Ph = Q @ wk.to(dt), Ph @ wk
             G = Ph.mH @ Ph
             L = kept
@@ -568,7 +573,7 @@ def _krylov(xb, k, b, tol, budget, generator, host, need_grad, extra=0):
         G = torch.cat([torch.cat([G, gc], -1),
                        torch.cat([gc.mH, plh.mH @ plh], -1)], -2)
         Q, Ph = torch.cat([Q, q], -1), torch.cat([Ph, plh], -1)
-    fidx = torch.cat(give_up) if give_up else idx[:0]
+    fidx = (torch.cat(give_up) if give_up else idx[:0]).to(dev)
     return U, S, V, Qs, fidx, it, worst_a, worst_b
 
 
