@@ -28,6 +28,7 @@ import pytest
 import torch
 
 import tsvd
+from tsvd import _lowrank
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -398,6 +399,7 @@ V2_NS = [1, 2, 3, 4, 5, 6, 7, 8, 12, 13, 16, 31, 48, 63, 64]
 V2_KERNEL_NS = [12, 48]   # the lengths kernels_v2.cu instantiates
 HARNESS_V2 = r"""
 #include "cuda/fixed_dft.h"
+#include <cmath>
 #include <vector>
 using namespace tsvd::cuda_fixed;
 
@@ -429,10 +431,11 @@ static int dfts(int64_t E, const T* x, T* yh, const T* yh2, T* out, int* cnt) {
 
 // trec_prep_v2 + trec_fwd_v2 of kernels_v2.cu, thread by thread: the prep's two thread
 // ranges, then the main kernel's blocks (strip of 32 columns staged like the shared memory,
-// zero past n2; rows of a block in passes of 8; `rows` rows per block).
+// zero past n2; rows of a block in passes of 8; `rows` rows per block). sa: trec_fwd_v2_sa,
+// which stages each pass's 8 rows of a2 (fewer in the last pass) like its shared memory.
 template <int N, typename T>
 static int fwd2(int64_t B, int64_t n1, int64_t n2, int64_t r, const T* U, const T* S, const T* V,
-                const T* res, T* out, int rows) {
+                const T* res, T* out, int rows, int sa) {
   constexpr int F = N / 2 + 1, STRIP = 32, PASS = 8;
   std::vector<C2<T>> a2(size_t(B * n1 * r * F)), b2(size_t(B * r * F * n2));
   const int64_t nU = B * n1 * r, nV = B * n2 * r;
@@ -456,20 +459,28 @@ static int fwd2(int64_t B, int64_t n1, int64_t n2, int64_t r, const T* U, const 
           sb[q] = j < n2 ? b2[(b * r * F + kf) * n2 + j] : C2<T>{T(0), T(0)};
         }
         const int64_t i_end = i0 + rows < n1 ? i0 + rows : n1;
-        for (int ty = 0; ty < PASS; ++ty)
+        std::vector<C2<T>> sa_rows(size_t(PASS * r * F), C2<T>{T(NAN), T(NAN)});
+        for (int64_t ib = i0; ib < i_end; ib += PASS) {        // passes (sa: staged rows)
+          if (sa) {
+            const int64_t nrows = i_end - ib < PASS ? i_end - ib : PASS;
+            for (int64_t q = 0; q < nrows * r * F; ++q) sa_rows[q] = a2[(b * n1 + ib) * r * F + q];
+          }
+          for (int ty = 0; ty < PASS; ++ty)
           for (int tx = 0; tx < STRIP; ++tx) {
-            const int64_t j = j0 + tx;
-            if (j >= n2) continue;
-            for (int64_t i = i0 + ty; i < i_end; i += PASS) {
+            const int64_t j = j0 + tx, i = ib + ty;
+            if (j >= n2 || i >= i_end) continue;
+            {
               const int64_t off = b * N * plane + i * n2 + j;
               T yr[F], yi[F];
-              yhat_fixed<N, T, C2<T>>(int(r), &a2[(b * n1 + i) * r * F], &sb[tx], STRIP, yr, yi);
+              const C2<T>* arow = sa ? &sa_rows[ty * r * F] : &a2[(b * n1 + i) * r * F];
+              yhat_fixed<N, T, C2<T>>(int(r), arow, &sb[tx], STRIP, yr, yi);
               irdft_fixed<N, T>(yr, yi, [&](auto tt, T val) {
                 constexpr int t = decltype(tt)::value;
                 out[off + t * plane] = val + (res ? res[off + t * plane] : T(0));
               });
             }
           }
+        }
       }
   return 0;
 }
@@ -538,10 +549,10 @@ extern "C" int dfts_##sfx(int n, int64_t E, const T* x, T* yh, const T* yh2, T* 
   }                                                                                        \
 }                                                                                          \
 extern "C" int fwd2_##sfx(int n, int64_t B, int64_t n1, int64_t n2, int64_t r, const T* U, \
-                          const T* S, const T* V, const T* res, T* out, int rows) {        \
+                          const T* S, const T* V, const T* res, T* out, int rows, int sa) { \
   switch (n) {                                                                             \
-    case 12: return fwd2<12, T>(B, n1, n2, r, U, S, V, res, out, rows);                    \
-    case 48: return fwd2<48, T>(B, n1, n2, r, U, S, V, res, out, rows);                    \
+    case 12: return fwd2<12, T>(B, n1, n2, r, U, S, V, res, out, rows, sa);                \
+    case 48: return fwd2<48, T>(B, n1, n2, r, U, S, V, res, out, rows, sa);                \
     default: return 1;                                                                     \
   }                                                                                        \
 }                                                                                          \
@@ -613,9 +624,11 @@ def test_harness_v2_rfft_irfft(harness_v2, sfx, n3):
 @pytest.mark.parametrize("B,n1,n2,r,rows", [(1, 9, 40, 4, 8), (2, 19, 33, 1, 16),
                                             (1, 70, 65, 8, 24), (1, 3, 5, 3, 8)])
 @pytest.mark.parametrize("with_res", [True, False])
-def test_harness_v2_treconstruct_forward(harness_v2, sfx, n3, B, n1, n2, r, rows, with_res):
+@pytest.mark.parametrize("sa", [0, 1])
+def test_harness_v2_treconstruct_forward(harness_v2, sfx, n3, B, n1, n2, r, rows, with_res, sa):
     """The v2 forward (prep launch + main launch, replayed thread by thread with the kernels'
-    index arithmetic and shared-memory strip) == the definition of the t-product."""
+    index arithmetic and shared-memory strip; sa: the rows of a2 staged per pass, as
+    trec_fwd_v2_sa does, NaN where a pass has fewer rows) == the definition of the t-product."""
     rng = np.random.default_rng(n3 * 1000 + n1 * 10 + r)
     dt = NPDT[sfx]
     u, s, v = (rng.standard_normal(sh).astype(dt) for sh in
@@ -624,7 +637,7 @@ def test_harness_v2_treconstruct_forward(harness_v2, sfx, n3, B, n1, n2, r, rows
     out = np.full((B, n3, n1, n2), np.nan, dt)
     assert harness_v2.__getattr__(f"fwd2_{sfx}")(
         ctypes.c_int(n3), *_i(B, n1, n2, r), _p(u), _p(s), _p(v), _p(res), _p(out),
-        ctypes.c_int(rows)) == 0
+        ctypes.c_int(rows), ctypes.c_int(sa)) == 0
     ref = np_trec(*(a.astype(np.float64) for a in (u, s, v)),
                   None if res is None else res.astype(np.float64))
     assert np.isfinite(out).all()
@@ -817,6 +830,45 @@ def test_gpu_public_api_batch_dims_and_backend():
     sv = torch.linalg.svdvals(torch.fft.fft(X, dim=-3))   # (2, 12, p) full spectrum
     best = torch.sqrt((sv[..., k:] ** 2).sum() / X.shape[-3])
     assert abs(float(err) - float(best)) <= 1e-8 * float(best)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("algorithm", ["krylov", "subspace"])
+def test_gpu_iterated_topk_meets_the_contract(algorithm, monkeypatch):
+    """The iterated truncated SVD on CUDA tensors (its small factorisations, bounds and
+    per-slice decisions on the host: SMALL_LINALG "auto"), against float64 LAPACK on the CPU:
+    slices with different spectra leave the batch at different steps, a small thick-restart
+    cap forces restarts (krylov), and a budget too short for a Gaussian slice sends it to the
+    full SVD. Contract (a) and (b) hold for every slice and the outputs are on the device."""
+    k = 4
+    g = torch.Generator().manual_seed(3)
+    i = torch.arange(1, 151, dtype=torch.float64)
+
+    def make(s):
+        q1 = torch.linalg.qr(torch.randn(200, 150, dtype=torch.complex128, generator=g)).Q
+        q2 = torch.linalg.qr(torch.randn(150, 150, dtype=torch.complex128, generator=g)).Q
+        return (q1 * s.to(torch.complex128)) @ q2.mH
+
+    gapped = torch.where(i <= k, 2.0 - i / 150, 0.1 * (1.0 - i / 300))
+    x = torch.stack([make(gapped), make(i ** -0.7), make(i ** -1.0),
+                     torch.randn(200, 150, dtype=torch.complex128, generator=g)])
+    if algorithm == "krylov":
+        monkeypatch.setattr(_lowrank, "restart_size", lambda k_, b: (48, 2 * k_ + 8))
+    tol = 1e-4
+    xd = x.to(torch.complex64).to(DEV)
+    for max_iter, want_fallback in ((40, False), (2, True)):
+        u, s, v, info = _lowrank.topk_svd(xd, k, tol=tol, max_iter=max_iter, cost_model=False,
+                                          algorithm=algorithm)
+        assert u.is_cuda and s.is_cuda and v.is_cuda
+        assert (info["fallback"] > 0) == want_fallback, info
+        sv = torch.linalg.svdvals(x)
+        xt = (u.cpu().to(torch.complex128) * s.cpu().double()[..., None, :]) \
+            @ v.cpu().to(torch.complex128).mH
+        err2 = torch.linalg.matrix_norm(x - xt) ** 2
+        a = (err2 - (sv[..., k:] ** 2).sum(-1)) / (sv[..., :k] ** 2).sum(-1)
+        b = (s.cpu().double() - sv[..., :k]).abs().amax(-1) / sv[..., 0]
+        assert (a <= tol).all() and (b <= tol).all(), (max_iter, a, b, info)
 
 
 @cuda

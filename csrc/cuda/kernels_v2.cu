@@ -22,6 +22,8 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 
 #include "fixed_dft.h"
 #include "launch.h"
@@ -69,7 +71,11 @@ trec_prep_v2(const float* __restrict__ U, const float* __restrict__ S, const flo
 // ------------------------------------------------------------------------------------
 // main: out (B, N3, n1, n2) = res + irfft_f(y), y_f[i, j] = sum_k a2[b, i, k, f] conj(b2[b, k, f, j])
 // grid (ceil(n2 / 32), ceil(n1 / rows_per_block), B), block (32, 8); shared: b2's strip
-// [r][F][32] (float2).
+// [r][F][32] (float2). Every thread reads its row's a2 from global memory inside the rank
+// loop: r dependent rounds of loads. On an H200 (ncu, 2026-12-04, N3 = 48) 64 % of the
+// stall cycles were waits on such loads, with 3.7 warps per scheduler to hide them; hence
+// trec_fwd_v2_sa below, which this kernel backs up where its shared memory does not fit
+// (or TSVD_V2_FWD_SA=0).
 // ------------------------------------------------------------------------------------
 template <int N3>
 __global__ void __launch_bounds__(kV2Threads, 2)
@@ -113,6 +119,66 @@ trec_fwd_v2(const float2* __restrict__ a2, const float2* __restrict__ b2,
       constexpr int t = decltype(tt)::value;
       __stcs(o + t * plane, v + rv[t]);
     });
+  }
+}
+
+// The same with the a2 rows staged (SA): each pass of 8 rows first copies their a2 into
+// shared memory after the strip ([8][r][F] float2) with coalesced loads by the whole block,
+// one load latency, so that the rank loop reads shared memory only (warp-uniform
+// addresses: broadcasts). Two barriers per pass; the residual tube is prefetched before.
+template <int N3>
+__global__ void __launch_bounds__(kV2Threads, 2)
+trec_fwd_v2_sa(const float2* __restrict__ a2, const float2* __restrict__ b2,
+               const float* __restrict__ res, float* __restrict__ out, int n1, int n2, int r,
+               int rows_per_block) {
+  constexpr int F = N3 / 2 + 1;
+  extern __shared__ float2 sb[];
+  const int64_t b = blockIdx.z;
+  const int j0 = blockIdx.x * kStrip;
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int tid = ty * kStrip + tx;
+  const int nb = r * F * kStrip;
+  const int rf = r * F;
+  float2* sa = sb + nb;                           // [kRowsPerPass][r * F]
+  const float2* bsrc = b2 + b * r * F * n2;
+  for (int q = tid; q < nb; q += kV2Threads) {
+    const int kf = q / kStrip, jj = q - kf * kStrip;
+    const int j = j0 + jj;
+    sb[q] = j < n2 ? bsrc[int64_t(kf) * n2 + j] : make_float2(0.f, 0.f);
+  }
+  const int j = j0 + tx;
+  const int64_t plane = int64_t(n1) * n2;
+  const int i_begin = blockIdx.y * rows_per_block;
+  const int i_end = min(n1, i_begin + rows_per_block);
+  // Every thread runs every pass (two barriers each), working only where (i, j) exists;
+  // its residual tube is prefetched before the pass's rows of a2 are staged.
+  for (int ib = i_begin; ib < i_end; ib += kRowsPerPass) {
+    const int i = ib + ty;
+    const bool work = j < n2 && i < i_end;
+    const int64_t off = b * N3 * plane + int64_t(i) * n2 + j;
+    float rv[N3];
+    if (work && res != nullptr) {
+      static_for<N3>([&](auto tt) {
+        constexpr int t = decltype(tt)::value;
+        rv[t] = __ldcs(res + off + t * plane);
+      });
+    } else {
+      static_for<N3>([&](auto tt) { rv[decltype(tt)::value] = 0.f; });
+    }
+    const int nrows = min(kRowsPerPass, i_end - ib);
+    const float2* asrc = a2 + (b * n1 + ib) * rf;
+    __syncthreads();  // the strip is staged (first pass); the last pass is done with sa
+    for (int q = tid; q < nrows * rf; q += kV2Threads) sa[q] = asrc[q];
+    __syncthreads();
+    if (work) {
+      float yr[F], yi[F];
+      yhat_fixed<N3, float, float2>(r, sa + ty * rf, sb + tx, kStrip, yr, yi);
+      float* o = out + off;
+      irdft_fixed<N3>(yr, yi, [&](auto tt, float v) {
+        constexpr int t = decltype(tt)::value;
+        __stcs(o + t * plane, v + rv[t]);
+      });
+    }
   }
 }
 
@@ -255,7 +321,7 @@ cudaError_t device_facts(DeviceFacts* out) {
 
 // The main kernel's dynamic shared memory above 48 KB needs an opt-in per kernel and
 // device: made once (to the device's maximum), not on every call.
-template <int N3>
+template <auto kernel>
 cudaError_t allow_fwd_smem(int smem_optin) {
   static std::atomic<unsigned long long> done{0};
   int dev = 0;
@@ -263,15 +329,26 @@ cudaError_t allow_fwd_smem(int smem_optin) {
   if (err != cudaSuccess) return err;
   const unsigned long long bit = 1ULL << (dev & 63);
   if (done.load(std::memory_order_acquire) & bit) return cudaSuccess;
-  err = cudaFuncSetAttribute(trec_fwd_v2<N3>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              smem_optin);
   if (err != cudaSuccess) return err;
   done.fetch_or(bit, std::memory_order_acq_rel);
   return cudaSuccess;
 }
 
-size_t fwd_smem_bytes(int64_t n3, int64_t r) {
-  return size_t(r) * size_t(n3 / 2 + 1) * kStrip * sizeof(float2);
+// Shared memory of the main kernel: the strip of b2, plus (sa) the a2 rows of one pass.
+size_t fwd_smem_bytes(int64_t n3, int64_t r, bool sa) {
+  return size_t(r) * size_t(n3 / 2 + 1) * (kStrip + (sa ? kRowsPerPass : 0)) * sizeof(float2);
+}
+constexpr size_t kFwdSmemMax = size_t(100) * 1024;  // 2 blocks per SM
+
+// Stage the a2 rows in shared memory where they fit beside the strip (r <= 12 at N3 = 48,
+// r <= 44 at N3 = 12); TSVD_V2_FWD_SA=0 (read on every call) turns it off, so that a
+// benchmark can time both in one process (bench/trec_launch.py).
+bool fwd_stage_a(int64_t n3, int64_t r) {
+  if (fwd_smem_bytes(n3, r, true) > kFwdSmemMax) return false;
+  const char* knob = std::getenv("TSVD_V2_FWD_SA");
+  return knob == nullptr || std::strcmp(knob, "0") != 0;
 }
 
 template <typename Fn>
@@ -293,7 +370,7 @@ unsigned grid_stride_blocks(int64_t total, int sms) {
 
 bool v2_supported(int64_t n3, int64_t r, int64_t n1, int64_t n2) {
   if (n3 != 12 && n3 != 48) return false;
-  if (r < 1 || fwd_smem_bytes(n3, r) > size_t(100) * 1024) return false;  // 2 blocks per SM
+  if (r < 1 || fwd_smem_bytes(n3, r, false) > kFwdSmemMax) return false;
   return n1 < (int64_t(1) << 31) && n2 < (int64_t(1) << 31);
 }
 
@@ -307,7 +384,8 @@ cudaError_t launch_treconstruct_fwd_v2(const float* U, const float* S, const flo
   DeviceFacts df;
   cudaError_t err = device_facts(&df);
   if (err != cudaSuccess) return err;
-  const size_t smem = fwd_smem_bytes(n3, r);
+  const bool sa = fwd_stage_a(n3, r);
+  const size_t smem = fwd_smem_bytes(n3, r, sa);
   if (smem > size_t(df.smem_optin)) return cudaErrorInvalidValue;
   return dispatch_n3(n3, [&](auto nn) {
     constexpr int N3 = decltype(nn)::value;
@@ -318,22 +396,33 @@ cudaError_t launch_treconstruct_fwd_v2(const float* U, const float* S, const flo
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
     if (smem > 48 * 1024) {
-      e = allow_fwd_smem<N3>(df.smem_optin);
+      e = sa ? allow_fwd_smem<trec_fwd_v2_sa<N3>>(df.smem_optin)
+             : allow_fwd_smem<trec_fwd_v2<N3>>(df.smem_optin);
       if (e != cudaSuccess) return e;
     }
     // Rows per block: several passes of 8 rows, so that the strip of Vh staged in shared
     // memory serves many rows, while the grid keeps about 4 waves of 2 blocks per SM.
-    // Unmeasured heuristic.
+    // Unmeasured heuristic; TSVD_V2_FWD_PASSES=P (a tuning knob for bench/trec_launch.py,
+    // read on every call) sets P passes per block instead.
     const int64_t strips = cdiv(n2, kStrip), passes = cdiv(n1, kRowsPerPass);
     int64_t per = (strips * passes * B) / (int64_t(df.sms) * 2 * 4);
     per = per < 1 ? 1 : (per > 8 ? 8 : per);
+    if (const char* knob = std::getenv("TSVD_V2_FWD_PASSES")) {
+      const long v = std::strtol(knob, nullptr, 10);
+      if (v > 0) per = v < passes ? v : passes;
+    }
     const int rows = int(per * kRowsPerPass);
     const int64_t gy = cdiv(n1, rows);
     if (gy > 65535 || strips > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-    trec_fwd_v2<N3><<<dim3(unsigned(strips), unsigned(gy), unsigned(B)),
-                      dim3(kStrip, kRowsPerPass), smem, s>>>(
-        reinterpret_cast<const float2*>(a2), reinterpret_cast<const float2*>(b2), res, out,
-        int(n1), int(n2), int(r), rows);
+    const dim3 grid{unsigned(strips), unsigned(gy), unsigned(B)}, block{unsigned(kStrip), unsigned(kRowsPerPass)};
+    const float2* a2c = reinterpret_cast<const float2*>(a2);
+    const float2* b2c = reinterpret_cast<const float2*>(b2);
+    if (sa)
+      trec_fwd_v2_sa<N3><<<grid, block, smem, s>>>(a2c, b2c, res, out, int(n1), int(n2), int(r),
+                                                   rows);
+    else
+      trec_fwd_v2<N3><<<grid, block, smem, s>>>(a2c, b2c, res, out, int(n1), int(n2), int(r),
+                                                rows);
     return cudaGetLastError();
   });
 }
