@@ -8,11 +8,12 @@ The v2 forward (csrc/cuda/kernels_v2.cu, float32, n3 in {12, 48}) stages a strip
 rfft(V) in shared memory once per block and then runs P passes of 8 rows over it; the
 default P comes from a heuristic (about 4 waves of 2 blocks per SM, P <= 8). Two knobs,
 read on every call, override the defaults: ``TSVD_V2_FWD_PASSES=P`` and
-``TSVD_V2_FWD_SA=0`` (the kernel that reads the rows of rfft(U) diag(rfft(S)) from global
-memory inside its rank loop, instead of trec_fwd_v2_sa, which stages them in shared memory
-per pass). This script times the raw op ``torch.ops.tsvd.treconstruct(U, S, V, R)``
-(batch 1) with the defaults ("auto"), with SA off ("sa0"), and with every P of --passes
-with SA on ("P") and off ("sa0,P"), interleaved with ``R.clone()`` in each round (CUDA
+``TSVD_V2_FWD_SA=0|1``: trec_fwd_v2, which reads the rows of rfft(U) diag(rfft(S)) from
+global memory inside its rank loop, or trec_fwd_v2_sa, which stages them in shared memory
+per pass (the default at n3 = 48 only). This script times the raw op
+``torch.ops.tsvd.treconstruct(U, S, V, R)`` (batch 1) with the defaults ("auto"), with
+each kernel ("sa0", "sa1"), and with every P of --passes for each kernel ("sa0,P",
+"sa1,P"), interleaved with ``R.clone()`` in each round (CUDA
 events around --inner back-to-back calls; median over --rounds). Before timing it checks
 that every setting gives bit-for-bit the default's output (the same arithmetic per
 element; only the blocks' row ranges and where a2 is read from differ) over NaN-poisoned
@@ -63,10 +64,10 @@ def main(argv=None) -> int:
         p.error("needs a CUDA device and tsvd._C built with CUDA kernels")
     op = torch.ops.tsvd.treconstruct
     g = torch.Generator(device="cuda").manual_seed(0)
-    env = {"auto": {}, "sa0": {"TSVD_V2_FWD_SA": "0"}}
+    env = {"auto": {}, "sa0": {"TSVD_V2_FWD_SA": "0"}, "sa1": {"TSVD_V2_FWD_SA": "1"}}
     for v in passes:
-        env[str(v)] = {"TSVD_V2_FWD_PASSES": str(v)}
-        env[f"sa0,{v}"] = {"TSVD_V2_FWD_PASSES": str(v), "TSVD_V2_FWD_SA": "0"}
+        for sa in "01":
+            env[f"sa{sa},{v}"] = {"TSVD_V2_FWD_PASSES": str(v), "TSVD_V2_FWD_SA": sa}
     settings = list(env)
 
     def use(setting):

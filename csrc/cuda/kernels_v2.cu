@@ -342,13 +342,17 @@ size_t fwd_smem_bytes(int64_t n3, int64_t r, bool sa) {
 }
 constexpr size_t kFwdSmemMax = size_t(100) * 1024;  // 2 blocks per SM
 
-// Stage the a2 rows in shared memory where they fit beside the strip (r <= 12 at N3 = 48,
-// r <= 44 at N3 = 12); TSVD_V2_FWD_SA=0 (read on every call) turns it off, so that a
-// benchmark can time both in one process (bench/trec_launch.py).
+// Stage the a2 rows in shared memory (trec_fwd_v2_sa) at N3 = 48, where they fit beside the
+// strip (r <= 12). Measured on an H200 (bench/trec_launch.py, r = 8, 2026-12-04): 127.5 us
+// against 160.4 us at 48x768x768, but 119.4 against 107.9 us at 12x3072x768 (7 products
+// per rank: the loads of a row were few, and the two barriers per pass cost more), so not at
+// N3 = 12. TSVD_V2_FWD_SA=0 / =1 (read on every call) turns it off / on where it fits.
 bool fwd_stage_a(int64_t n3, int64_t r) {
   if (fwd_smem_bytes(n3, r, true) > kFwdSmemMax) return false;
   const char* knob = std::getenv("TSVD_V2_FWD_SA");
-  return knob == nullptr || std::strcmp(knob, "0") != 0;
+  if (knob != nullptr && std::strcmp(knob, "0") == 0) return false;
+  if (knob != nullptr && std::strcmp(knob, "1") == 0) return true;
+  return n3 >= 48;
 }
 
 template <typename Fn>
