@@ -396,3 +396,61 @@ def test_a_build_of_another_api_version_is_not_used():
         [os.path.dirname(os.path.dirname(tsvd.__file__)), os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_treconstruct_direct_call_only_where_the_op_takes_the_inputs_unchanged():
+    """tsvd.treconstruct calls the compiled op on the inputs as they are (no Python checks or
+    reshapes: issue 13's host overhead) exactly when U, V (and the residual) have no batch
+    dim or one that all four share, with the same float32/float64 dtype and device; every
+    other input goes the general way. Either way the result is the float64 definition's (and
+    its gradients), and a bad input gets the API's message."""
+    from tsvd import _api
+    g = torch.Generator().manual_seed(0)
+
+    def r(*s, dt=torch.float64):
+        return torch.randn(*s, generator=g, dtype=torch.float64).to(dt)
+
+    U, S, V, R = r(2, 5, 6, 3), r(2, 5, 3), r(2, 5, 7, 3), r(2, 5, 6, 7)
+    want = ref.treconstruct(U, S, V, R)
+    for dt in (torch.float64, torch.float32):
+        args = [t.to(dt) for t in (U, S, V, R)]
+        out = _api._treconstruct_direct(*args, "fft")
+        assert out is not None and out.dtype == dt
+        assert tsvd.last_backend("treconstruct") == "compiled"
+        assert torch.allclose(out.double(), want, atol=1e-5 if dt == torch.float32 else 1e-12)
+        assert torch.equal(tsvd.treconstruct(*args[:3], residual=args[3]), out)
+    assert _api._treconstruct_direct(U, S, V, None, "fft") is not None
+    one = [t[1].clone().requires_grad_() for t in (U, S, V, R)]        # no batch dim
+    out = _api._treconstruct_direct(*one, "fft")
+    assert out is not None and out.shape == (5, 6, 7)
+    assert torch.allclose(out, want[1], atol=1e-12)
+    G = r(5, 6, 7)
+    out.backward(G)
+    leaves = [t[1].clone().requires_grad_() for t in (U, S, V, R)]
+    ref.treconstruct(*leaves).backward(G)
+    for a, b in zip(one, leaves):
+        assert torch.allclose(a.grad, b.grad, atol=1e-10)
+    general = {
+        "S without the batch dim": (U, S[0], V, R, "fft"),
+        "broadcast batch": (U, S[:1], V, R, "fft"),
+        "mixed dtypes": (U.float(), S, V, R, "fft"),
+        "float16": tuple(t.half() for t in (U, S, V, R)) + ("fft",),
+        "two batch dims": (U[None], S[None], V[None], R[None], "fft"),
+        "another transform": (U, S, V, R, "dct"),
+    }
+    for name, (u, s, v, res, tr) in general.items():
+        assert _api._treconstruct_direct(u, s, v, res, tr) is None, name
+        out = tsvd.treconstruct(u, s, v, residual=res, transform=tr)
+        exp = ref.treconstruct(*(t.double() for t in (u, s, v, res)),
+                               transform=tsvd.transforms.get_transform(tr))
+        assert torch.allclose(out.double(), exp, atol=5e-2 if u.dtype == torch.half else 1e-5), name
+    with tsvd.use_backend("reference"):
+        assert _api._treconstruct_direct(U, S, V, R, "fft") is None
+        tsvd.treconstruct(U, S, V, residual=R)
+        assert tsvd.last_backend("treconstruct") == "reference"
+    with pytest.raises(ValueError, match=r"V: expected \(\.\.\., 5, n2, 3\)"):
+        tsvd.treconstruct(U, S, r(2, 5, 7, 4))
+    with pytest.raises(ValueError, match="residual: expected"):
+        tsvd.treconstruct(U, S, V, residual=r(2, 5, 6, 8))
+    with pytest.raises(ValueError, match=r"S: expected diagonal tubes"):
+        tsvd.treconstruct(U[0], r(5, 4), V[0])

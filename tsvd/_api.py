@@ -243,6 +243,45 @@ def tsvdvals(X: torch.Tensor, *, transform="fft") -> torch.Tensor:
     return _cast(ref.tsvdvals(_cast(X, compute_dtype(X)), tr), X.dtype)
 
 
+_DIRECT_DTYPES = (torch.float32, torch.float64)
+
+
+def _treconstruct_direct(U, S, V, residual, transform):
+    """The compiled op called on the inputs as they are, or None. Only for the cases the op
+    takes unchanged (issue 13: the host overhead of a call): FFT; U, V (and the residual)
+    with no batch dim or one that all four share; every tensor non-empty with the same
+    float32/float64 dtype and device; the compiled backend chosen. Everything else returns
+    None and goes through :func:`treconstruct`'s checks, casts and broadcasting, so its
+    errors and results are the same either way."""
+    if not (isinstance(transform, str) and transform == "fft"
+            and isinstance(U, torch.Tensor) and isinstance(S, torch.Tensor)
+            and isinstance(V, torch.Tensor)):
+        return None
+    dt, dev, nd = U.dtype, U.device, U.dim()
+    if (dt not in _DIRECT_DTYPES or S.dtype != dt or V.dtype != dt or nd not in (3, 4)
+            or S.dim() != nd - 1 or V.dim() != nd or S.device != dev or V.device != dev):
+        return None
+    lead = U.shape[:nd - 2]                               # (B, n3) or (n3,)
+    n1, k = U.shape[-2:]
+    if S.shape != (*lead, k) or V.shape[:nd - 2] != lead or V.shape[-1] != k:
+        return None
+    if U.numel() == 0 or S.numel() == 0 or V.numel() == 0:
+        return None
+    if residual is not None and not (
+            isinstance(residual, torch.Tensor) and residual.dtype == dt
+            and residual.device == dev and residual.shape == (*lead, n1, V.shape[-2])
+            and residual.numel() > 0):
+        return None
+    mode = _backend.get_backend()
+    if mode not in ("auto", "compiled") or not _backend.compiled_available(dev):
+        return None
+    _backend.record("treconstruct", "compiled")
+    if nd == 4:
+        return _ext().treconstruct(U, S, V, residual)
+    return _ext().treconstruct(U[None], S[None], V[None],
+                               None if residual is None else residual[None])[0]
+
+
 def treconstruct(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, *,
                  residual: torch.Tensor | None = None, transform="fft") -> torch.Tensor:
     """``residual + U * fdiag(S) * Vᵀ`` in one fused op: the LoRA-PT hot path.
@@ -255,6 +294,9 @@ def treconstruct(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, *,
     Returns:
         ``(..., n3, n1, n2)``; differentiable in U, S, V and residual.
     """
+    out = _treconstruct_direct(U, S, V, residual, transform)
+    if out is not None:
+        return out
     check_tensor("U", U)
     check_tensor("S", S, min_dim=2)
     check_tensor("V", V)

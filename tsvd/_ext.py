@@ -54,15 +54,21 @@ def _info() -> dict:
     return json.loads(torch.ops.tsvd.build_info())
 
 
+_WITH_CUDA: bool | None = None   # build_info()'s with_cuda, read once (it cannot change)
+
+
 def available(device) -> bool:
     """True when ``tsvd._C`` is loaded and has kernels for ``device``."""
+    global _WITH_CUDA
     if _C is None:
         return False
-    dev = torch.device(device)
+    dev = device if isinstance(device, torch.device) else torch.device(device)
     if dev.type == "cpu":
         return True
     if dev.type == "cuda":
-        return bool(_info()["with_cuda"]) and torch.cuda.is_available()
+        if _WITH_CUDA is None:
+            _WITH_CUDA = bool(_info()["with_cuda"])
+        return _WITH_CUDA and torch.cuda.is_available()
     return False
 
 
@@ -113,28 +119,36 @@ def use_cpu_isa(isa: str):
 # --------------------------------------------------------------------------------------
 # Python entry points used by tsvd._api
 # --------------------------------------------------------------------------------------
+# The ops' OpOverloads, resolved once: calling an OpOverloadPacket (torch.ops.tsvd.name)
+# picks the overload in Python on every call, about 10 us (issue 13: host overhead).
+_OPS: dict = {}
+if _C is not None:
+    _OPS = {n: getattr(torch.ops.tsvd, n).default for n in
+            ("treconstruct", "treconstruct_backward", "tprod", "tube_rfft", "tube_irfft")}
+
+
 def treconstruct(U, S, V, residual=None):
     """``residual + U * fdiag(S) * Vᵀ``; U ``(B,n3,n1,r)``, S ``(B,n3,r)``, V ``(B,n3,n2,r)``."""
-    return torch.ops.tsvd.treconstruct(U, S, V, residual)
+    return _OPS["treconstruct"](U, S, V, residual)
 
 
 def treconstruct_backward(grad, U, S, V):
-    return torch.ops.tsvd.treconstruct_backward(grad, U, S, V)
+    return _OPS["treconstruct_backward"](grad, U, S, V)
 
 
 def tprod(A, B):
     """t-product ``(B,n3,n1,n2) x (B,n3,n2,n4) -> (B,n3,n1,n4)``."""
-    return torch.ops.tsvd.tprod(A, B)
+    return _OPS["tprod"](A, B)
 
 
 def tube_rfft(X):
     """``torch.fft.rfft(X, dim=1)`` for ``X (B,n3,n1,n2)``."""
-    return torch.ops.tsvd.tube_rfft(X)
+    return _OPS["tube_rfft"](X)
 
 
 def tube_irfft(Xh, n3: int):
     """``torch.fft.irfft(Xh, n=n3, dim=1)`` for ``Xh (B,n3//2+1,n1,n2)``."""
-    return torch.ops.tsvd.tube_irfft(Xh, n3)
+    return _OPS["tube_irfft"](Xh, n3)
 
 
 # --------------------------------------------------------------------------------------
