@@ -454,3 +454,33 @@ def test_treconstruct_direct_call_only_where_the_op_takes_the_inputs_unchanged()
         tsvd.treconstruct(U, S, V, residual=r(2, 5, 6, 8))
     with pytest.raises(ValueError, match=r"S: expected diagonal tubes"):
         tsvd.treconstruct(U[0], r(5, 4), V[0])
+
+
+def test_tprod_direct_call_only_where_the_op_takes_the_inputs_unchanged():
+    """tsvd.tprod calls the compiled op on A, B as they are exactly when both are 3-D, or
+    4-D with one batch, of one float32/float64 dtype and device; every other input goes the
+    general way. Either way the result is the float64 definition's, and a bad input gets the
+    API's message."""
+    from tsvd import _api
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(2, 5, 3, 4, generator=g, dtype=torch.float64)
+    B = torch.randn(2, 5, 4, 6, generator=g, dtype=torch.float64)
+    want = ref.tprod(A, B)
+    for a, b in ((A, B), (A[0], B[0]), (A.float(), B.float())):
+        out = _api._tprod_direct(a, b, "fft")
+        assert out is not None and tsvd.last_backend("tprod") == "compiled"
+        exp = want if a.dim() == 4 else want[0]
+        assert torch.allclose(out.double(), exp, atol=1e-4 if a.dtype == torch.float32 else 1e-12)
+        assert torch.equal(tsvd.tprod(a, b), out)
+    general = {"broadcast batch": (A, B[:1]), "mixed dtypes": (A.float(), B),
+               "3-D and 4-D": (A[0], B), "float16": (A.half(), B.half())}
+    for name, (a, b) in general.items():
+        assert _api._tprod_direct(a, b, "fft") is None, name
+        out = tsvd.tprod(a, b)
+        exp = ref.tprod(a.double(), b.double())
+        assert torch.allclose(out.double(), exp, atol=5e-2 if a.dtype == torch.half else 1e-5), name
+    assert _api._tprod_direct(A, B, "dct") is None
+    with pytest.raises(ValueError, match="inner dims differ"):
+        tsvd.tprod(A, A)
+    with pytest.raises(ValueError, match="tube lengths differ"):
+        tsvd.tprod(A, B[:, :4])

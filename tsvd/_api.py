@@ -57,6 +57,39 @@ def _transform(transform, n3, name="X"):
 
 
 # --------------------------------------------------------------------------------------
+#: dtypes the compiled ops take as they are (a direct call skips the API's casts)
+_DIRECT_DTYPES = (torch.float32, torch.float64)
+
+
+def _direct_backend(op: str, dev) -> bool:
+    """True when a direct call of the compiled ``op`` is what :func:`_backend.choose` would
+    pick (mode "auto" or "compiled" and kernels for ``dev``); records it."""
+    if _backend.get_backend() not in ("auto", "compiled") \
+            or not _backend.compiled_available(dev):
+        return False
+    _backend.record(op, "compiled")
+    return True
+
+
+def _tprod_direct(A, B, transform):
+    """The compiled op called on A, B as they are, or None (see :func:`_treconstruct_direct`):
+    FFT; both 3-D, or both 4-D with the same batch; non-empty, one float32/float64 dtype and
+    device; n3 and the inner dims matching."""
+    if not (isinstance(transform, str) and transform == "fft"
+            and isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor)):
+        return None
+    dt, nd = A.dtype, A.dim()
+    if (dt not in _DIRECT_DTYPES or B.dtype != dt or nd not in (3, 4) or B.dim() != nd
+            or B.device != A.device or A.shape[:nd - 2] != B.shape[:nd - 2]
+            or A.shape[-1] != B.shape[-2] or A.numel() == 0 or B.numel() == 0):
+        return None
+    if not _direct_backend("tprod", A.device):
+        return None
+    if nd == 4:
+        return _ext().tprod(A, B)
+    return _ext().tprod(A[None], B[None])[0]
+
+
 def tprod(A: torch.Tensor, B: torch.Tensor, *, transform="fft") -> torch.Tensor:
     """t-product ``C = A * B`` (Lu's ``tprod``).
 
@@ -67,6 +100,9 @@ def tprod(A: torch.Tensor, B: torch.Tensor, *, transform="fft") -> torch.Tensor:
     Returns:
         ``(..., n3, n1, n4)``; ``bcirc(C) == bcirc(A) @ bcirc(B)`` for the FFT.
     """
+    out = _tprod_direct(A, B, transform)
+    if out is not None:
+        return out
     check_tensor("A", A)
     check_tensor("B", B)
     check_same_device(A=A, B=B)
@@ -243,9 +279,6 @@ def tsvdvals(X: torch.Tensor, *, transform="fft") -> torch.Tensor:
     return _cast(ref.tsvdvals(_cast(X, compute_dtype(X)), tr), X.dtype)
 
 
-_DIRECT_DTYPES = (torch.float32, torch.float64)
-
-
 def _treconstruct_direct(U, S, V, residual, transform):
     """The compiled op called on the inputs as they are, or None. Only for the cases the op
     takes unchanged (issue 13: the host overhead of a call): FFT; U, V (and the residual)
@@ -272,10 +305,8 @@ def _treconstruct_direct(U, S, V, residual, transform):
             and residual.device == dev and residual.shape == (*lead, n1, V.shape[-2])
             and residual.numel() > 0):
         return None
-    mode = _backend.get_backend()
-    if mode not in ("auto", "compiled") or not _backend.compiled_available(dev):
+    if not _direct_backend("treconstruct", dev):
         return None
-    _backend.record("treconstruct", "compiled")
     if nd == 4:
         return _ext().treconstruct(U, S, V, residual)
     return _ext().treconstruct(U[None], S[None], V[None],
