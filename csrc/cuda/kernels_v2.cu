@@ -68,6 +68,17 @@ trec_prep_v2(const float* __restrict__ U, const float* __restrict__ S, const flo
   }
 }
 
+// The main kernels' first step: the strip of b2 for columns j0 .. j0 + 31 into shared
+// memory, sb[k * F + f][jj] (zero past n2), by all threads of the block.
+__device__ __forceinline__ void stage_strip(const float2* __restrict__ bsrc, float2* sb, int nb,
+                                            int j0, int n2, int tid) {
+  for (int q = tid; q < nb; q += kV2Threads) {
+    const int kf = q / kStrip, jj = q - kf * kStrip;
+    const int j = j0 + jj;
+    sb[q] = j < n2 ? bsrc[int64_t(kf) * n2 + j] : make_float2(0.f, 0.f);
+  }
+}
+
 // ------------------------------------------------------------------------------------
 // main: out (B, N3, n1, n2) = res + irfft_f(y), y_f[i, j] = sum_k a2[b, i, k, f] conj(b2[b, k, f, j])
 // grid (ceil(n2 / 32), ceil(n1 / rows_per_block), B), block (32, 8); shared: b2's strip
@@ -89,12 +100,7 @@ trec_fwd_v2(const float2* __restrict__ a2, const float2* __restrict__ b2,
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int tid = ty * kStrip + tx;
   const int nb = r * F * kStrip;
-  const float2* bsrc = b2 + b * r * F * n2;
-  for (int q = tid; q < nb; q += kV2Threads) {
-    const int kf = q / kStrip, jj = q - kf * kStrip;
-    const int j = j0 + jj;
-    sb[q] = j < n2 ? bsrc[int64_t(kf) * n2 + j] : make_float2(0.f, 0.f);
-  }
+  stage_strip(b2 + b * r * F * n2, sb, nb, j0, n2, tid);
   __syncthreads();  // the only barrier: threads past n2 may leave after it
   const int j = j0 + tx;
   if (j >= n2) return;
@@ -140,12 +146,7 @@ trec_fwd_v2_sa(const float2* __restrict__ a2, const float2* __restrict__ b2,
   const int nb = r * F * kStrip;
   const int rf = r * F;
   float2* sa = sb + nb;                           // [kRowsPerPass][r * F]
-  const float2* bsrc = b2 + b * r * F * n2;
-  for (int q = tid; q < nb; q += kV2Threads) {
-    const int kf = q / kStrip, jj = q - kf * kStrip;
-    const int j = j0 + jj;
-    sb[q] = j < n2 ? bsrc[int64_t(kf) * n2 + j] : make_float2(0.f, 0.f);
-  }
+  stage_strip(b2 + b * r * F * n2, sb, nb, j0, n2, tid);
   const int j = j0 + tx;
   const int64_t plane = int64_t(n1) * n2;
   const int i_begin = blockIdx.y * rows_per_block;
