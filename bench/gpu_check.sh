@@ -8,9 +8,11 @@
 #      tests_v1:     the same tests with TSVD_CUDA_KERNELS=v1 (the v1 kernels, which the
 #                    default v2 kernels of csrc/cuda/kernels_v2.cu replaced for float32 and
 #                    n3 in {12, 48}; reported in the log, not gating),
-#   3. trec_micro:   bench/trec_micro.py --device cuda --kernels v1,v2 (fused reconstruction
-#                    vs clone and plain PyTorch, v1 and v2 kernels interleaved, NaN-poisoned
-#                    correctness of both) -> trec_micro.json,
+#      tests_v2pq:   the same with TSVD_CUDA_KERNELS=v2pq (the backward's fused P/Q kernel,
+#                    opt-in until it passes here; not gating),
+#   3. trec_micro:   bench/trec_micro.py --device cuda --kernels v1,v2,v2pq (fused
+#                    reconstruction vs clone and plain PyTorch, the kernel sets interleaved,
+#                    NaN-poisoned correctness of each) -> trec_micro.json,
 #      host_overhead: bench/host_overhead.py --device cuda --n3 12 (the v2 kernels' path) ->
 #                    host_overhead_cuda.json,
 #      kernels:      bench/kernels.py --device cuda (--quick unless --full) -> kernels_cuda.json,
@@ -338,13 +340,23 @@ if [ $HAVE_V2 = 1 ] && [ -n "$tests" ] && plan tests_v1 120 30; then
   fi
 fi
 
+if [ $HAVE_V2 = 1 ] && [ -n "$tests" ] && plan tests_v2pq 120 30; then
+  # shellcheck disable=SC2086
+  if TSVD_CUDA_KERNELS=v2pq run tests_v2pq "$LIMIT" "$PY" -m pytest -m cuda $tests -q -rfEs \
+      -p no:cacheprovider; then
+    V2PQ_TESTS="passed"
+  else
+    V2PQ_TESTS="FAILED (see the log)"
+  fi
+fi
+
 # -- 3. benchmarks: the issue's targets first, so a cut-short run still has them ----------
 if [ ! -f bench/trec_micro.py ]; then
   say "bench/trec_micro.py missing"; status=1
 elif plan trec_micro 150 45; then
   budget=$(( LIMIT - 30 < 100 ? LIMIT - 30 : 100 ))
   run trec_micro "$LIMIT" "$PY" bench/trec_micro.py --device cuda --out "$OUT" --budget-s "$budget" \
-      $([ $HAVE_V2 = 1 ] && echo --kernels v1,v2)
+      $([ $HAVE_V2 = 1 ] && echo --kernels v1,v2,v2pq)
   rc=$?
   if [ $rc = 1 ]; then say "trec_micro: a correctness check failed or a shape raised (see trec_micro.json)"; status=1
   elif [ $rc != 0 ]; then say "bench/trec_micro.py failed (exit $rc)"; fi
@@ -392,5 +404,6 @@ if [ -n "$GATING_SKIPPED" ]; then
 fi
 summary
 [ -n "${V1_TESTS:-}" ] && say "CUDA tests with TSVD_CUDA_KERNELS=v1: $V1_TESTS (not gating)"
+[ -n "${V2PQ_TESTS:-}" ] && say "CUDA tests with TSVD_CUDA_KERNELS=v2pq: $V2PQ_TESTS (not gating)"
 say "gpu_check: status $status, total $(elapsed) s (deadline ${DEADLINE} s)${SKIPPED:+; skipped:$SKIPPED}"
 exit $status

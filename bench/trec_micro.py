@@ -38,7 +38,8 @@ ref_fwd / fwd and ``fb_x_ref`` = ref_fb / fb (goal: >= 4).
 
 Kernel variants (--kernels, CUDA): ``v1,v2`` checks and times the op under each value of
 ``TSVD_CUDA_KERNELS`` (v2: the fixed-length kernels of csrc/cuda/kernels_v2.cu, float32 and
-n3 in {12, 48}, the default; v1: the kernels they replaced), interleaved in the same rounds as the clone and
+n3 in {12, 48}, the default; v1: the kernels they replaced; v2pq: v2 with the backward's fused
+P/Q kernel in place of its two cuBLAS GEMMs, opt-in), interleaved in the same rounds as the clone and
 the plain-PyTorch baselines. The first variant's figures are the row's top-level fields;
 every variant's are under ``kernels`` (``fwd_x_first`` / ``fb_x_first``: speed-up over
 the first). Default: ``default``, the environment as it is.
@@ -71,7 +72,7 @@ SHAPE_SETS = {
 }
 GOALS = {"fwd_pct_clone": 70.0, "fb_x_ref": 4.0}  # issue 13
 TOL = {"float32": 1e-4, "float64": 1e-10}
-KERNEL_VARIANTS = ("default", "v1", "v2")
+KERNEL_VARIANTS = ("default", "v1", "v2", "v2pq")
 _ENV0 = os.environ.get("TSVD_CUDA_KERNELS")
 
 

@@ -485,6 +485,73 @@ static int fwd2(int64_t B, int64_t n1, int64_t n2, int64_t r, const T* U, const 
   return 0;
 }
 
+// trec_bwd_pq_v2 of kernels_v2.cu (the fused P/Q, TSVD_CUDA_KERNELS=v2pq), block by block
+// and thread by thread: 64 x 64 tiles of each Gh_f, thread (tj, ti) = (tid % 64, tid / 64)
+// on column j0 + tj and rows i0 + ti + 4 m; P's terms of a row summed over each warp's 32
+// lanes, Q over the 4 row groups; both added into P, Q (zeroed here), as the atomics do.
+template <int R, typename T>
+static int pq2(int64_t BF, int64_t n1, int64_t n2, const T* gh, const T* vh, const T* ca, T* P,
+               T* Q) {
+  constexpr int TILE = 64, GROUPS = 4, ROWS = 16, THREADS = 256;
+  using V = C2<T>;
+  const V* g = reinterpret_cast<const V*>(gh);
+  const V* vhc = reinterpret_cast<const V*>(vh);
+  const V* cac = reinterpret_cast<const V*>(ca);
+  for (int64_t q = 0; q < BF * n1 * R * 2; ++q) P[q] = T(0);
+  for (int64_t q = 0; q < BF * n2 * R * 2; ++q) Q[q] = T(0);
+  std::vector<V> sca(TILE * R);
+  for (int64_t bf = 0; bf < BF; ++bf)
+    for (int64_t i0 = 0; i0 < n1; i0 += TILE)
+      for (int64_t j0 = 0; j0 < n2; j0 += TILE) {
+        for (int q = 0; q < TILE * R; ++q) {
+          const int64_t i = i0 + q / R;
+          sca[q] = i < n1 ? cac[(bf * n1 + i0) * R + q] : V{T(0), T(0)};
+        }
+        std::vector<T> qr(THREADS * R, T(0)), qi(THREADS * R, T(0));
+        for (int m = 0; m < ROWS; ++m)
+          for (int w = 0; w < THREADS / 32; ++w) {          // warps: 32 lanes, one ti
+            T sr[R] = {}, si[R] = {};
+            int64_t i = 0;
+            for (int lane = 0; lane < 32; ++lane) {
+              const int tid = w * 32 + lane, tj = tid % TILE, ti = tid / TILE;
+              const int ii = ti + GROUPS * m;
+              i = i0 + ii;
+              const int64_t j = j0 + tj;
+              const bool jok = j < n2;
+              V vj[R];
+              for (int k = 0; k < R; ++k) vj[k] = jok ? vhc[(bf * n2 + j) * R + k] : V{T(0), T(0)};
+              const V t = (jok && i < n1) ? g[(bf * n1 + i) * n2 + j] : V{T(0), T(0)};
+              T a[R], b[R], pr[R], pi[R];
+              for (int k = 0; k < R; ++k) { a[k] = qr[tid * R + k]; b[k] = qi[tid * R + k]; }
+              pq_element<R, T, V>(t, &sca[ii * R], vj, a, b, pr, pi);
+              for (int k = 0; k < R; ++k) {
+                qr[tid * R + k] = a[k]; qi[tid * R + k] = b[k];
+                sr[k] += pr[k]; si[k] += pi[k];
+              }
+            }
+            if (i < n1)
+              for (int k = 0; k < R; ++k) {
+                P[((bf * n1 + i) * R + k) * 2] += sr[k];
+                P[((bf * n1 + i) * R + k) * 2 + 1] += si[k];
+              }
+          }
+        for (int tj = 0; tj < TILE; ++tj) {
+          const int64_t j = j0 + tj;
+          if (j >= n2) continue;
+          for (int k = 0; k < R; ++k) {
+            T sr = T(0), si = T(0);
+            for (int gi = 0; gi < GROUPS; ++gi) {
+              sr += qr[(gi * TILE + tj) * R + k];
+              si += qi[(gi * TILE + tj) * R + k];
+            }
+            Q[((bf * n2 + j) * R + k) * 2] += sr;
+            Q[((bf * n2 + j) * R + k) * 2 + 1] += si;
+          }
+        }
+      }
+  return 0;
+}
+
 // the v2 backward: prep and post threads (fixed_dft.h bodies, the kernels' index arithmetic),
 // Gh = rfft(G) per tube and the glue's two GEMMs as plain loops
 template <int N, typename T>
@@ -556,6 +623,17 @@ extern "C" int fwd2_##sfx(int n, int64_t B, int64_t n1, int64_t n2, int64_t r, c
     default: return 1;                                                                     \
   }                                                                                        \
 }                                                                                          \
+extern "C" int pq2_##sfx(int64_t BF, int64_t n1, int64_t n2, int64_t r, const T* gh,       \
+                         const T* vh, const T* ca, T* P, T* Q) {                          \
+  switch (r) {                                                                             \
+    case 1: return pq2<1, T>(BF, n1, n2, gh, vh, ca, P, Q);                                \
+    case 2: return pq2<2, T>(BF, n1, n2, gh, vh, ca, P, Q);                                \
+    case 4: return pq2<4, T>(BF, n1, n2, gh, vh, ca, P, Q);                                \
+    case 8: return pq2<8, T>(BF, n1, n2, gh, vh, ca, P, Q);                                \
+    case 16: return pq2<16, T>(BF, n1, n2, gh, vh, ca, P, Q);                              \
+    default: return 1;                                                                     \
+  }                                                                                        \
+}                                                                                          \
 extern "C" int bwd2_##sfx(int n, int64_t B, int64_t n1, int64_t n2, int64_t r, const T* G,  \
                           const T* U, const T* S, const T* V, T* gU, T* gS, T* gV) {       \
   switch (n) {                                                                             \
@@ -574,7 +652,8 @@ def harness_v2(tmp_path_factory):
     # -O1: the fully unrolled templates compile several times faster than at -O2
     return build_harness(tmp_path_factory, "cuda_harness_v2", HARNESS_V2,
                          "csrc/cuda/fixed_dft.h", ["twiddle", "dfts_d", "dfts_f", "fwd2_d",
-                                                   "fwd2_f", "bwd2_d", "bwd2_f"], opt="-O1")
+                                                   "fwd2_f", "bwd2_d", "bwd2_f", "pq2_d",
+                                                   "pq2_f"], opt="-O1")
 
 
 def test_harness_v2_compile_time_twiddles(harness_v2):
@@ -642,6 +721,32 @@ def test_harness_v2_treconstruct_forward(harness_v2, sfx, n3, B, n1, n2, r, rows
                   None if res is None else res.astype(np.float64))
     assert np.isfinite(out).all()
     assert relerr(out, ref) < TOL[sfx] * 10
+
+
+@pytest.mark.parametrize("sfx", ["d", "f"])
+@pytest.mark.parametrize("BF,n1,n2,r", [(1, 64, 64, 8), (3, 70, 130, 4), (2, 5, 9, 1),
+                                         (1, 129, 65, 16), (2, 33, 200, 2)])
+def test_harness_v2_fused_pq(harness_v2, sfx, BF, n1, n2, r):
+    """The fused P/Q kernel of the backward (trec_bwd_pq_v2, tiles, row groups, warp sums,
+    edges past n1 and n2, replayed thread by thread) == P = Gh Vh, Q = Gh^T conj(A) in
+    float64 numpy."""
+    rng = np.random.default_rng(BF * 1000 + n1 + n2 + r)
+    dt = NPDT[sfx]
+
+    def cplx(*shape):
+        return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex128)
+
+    gh, vh, ca = cplx(BF, n1, n2), cplx(BF, n2, r), cplx(BF, n1, r)
+    as_real = lambda z: np.ascontiguousarray(np.stack([z.real, z.imag], -1)).astype(dt)  # noqa: E731
+    P = np.full((BF, n1, r, 2), np.nan, dt)
+    Q = np.full((BF, n2, r, 2), np.nan, dt)
+    assert harness_v2.__getattr__(f"pq2_{sfx}")(*_i(BF, n1, n2, r), _p(as_real(gh)), _p(as_real(vh)),
+                                                _p(as_real(ca)), _p(P), _p(Q)) == 0
+    got_p, got_q = P[..., 0] + 1j * P[..., 1], Q[..., 0] + 1j * Q[..., 1]
+    assert relerr(got_p, gh @ vh) < TOL[sfx] * 10
+    assert relerr(got_q, np.swapaxes(gh, -1, -2) @ ca) < TOL[sfx] * 10
+    assert harness_v2.__getattr__(f"pq2_{sfx}")(*_i(BF, n1, n2, 3), _p(as_real(gh)), _p(as_real(vh)),
+                                                _p(as_real(ca)), _p(P), _p(Q)) == 1
 
 
 @pytest.mark.parametrize("sfx", ["d", "f"])
@@ -928,3 +1033,29 @@ def test_gpu_treconstruct_large_tiles(shape):
     got = OPS.treconstruct_backward(G.float(), U.float(), S.float(), V.float())
     for x, y in zip(got, ref_g):
         assert torch.isfinite(x).all() and trel(x, y) < 1e-4
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(1, 48, 768, 768, 8), (1, 12, 3072, 768, 8),
+                                   (2, 12, 70, 130, 4), (1, 48, 65, 129, 16), (3, 12, 5, 9, 1),
+                                   (1, 48, 40, 50, 3)])
+def test_gpu_fused_pq_backward(shape, monkeypatch):
+    """TSVD_CUDA_KERNELS=v2pq: the v2 backward with the fused P/Q kernel in place of its two
+    cuBLAS GEMMs (r in 1, 2, 4, 8, 16; r = 3 keeps the GEMMs) gives the float64 gradients,
+    over NaN-poisoned memory, and agrees with the default v2 backward."""
+    B, n3, n1, n2, r = shape
+    g = torch.Generator(device=DEV).manual_seed(n1 * 7 + r)
+    U, S, V, G = (torch.randn(*s, generator=g, device=DEV, dtype=torch.float64) for s in
+                  [(B, n3, n1, r), (B, n3, r), (B, n3, n2, r), (B, n3, n1, n2)])
+    ref_in = [t.clone().requires_grad_() for t in (U, S, V)]
+    ref_g = torch.autograd.grad(tsvd.reference.treconstruct(*ref_in), ref_in, G)
+    args = [t.float() for t in (G, U, S, V)]
+    monkeypatch.setenv("TSVD_CUDA_KERNELS", "v2")
+    base = OPS.treconstruct_backward(*args)
+    monkeypatch.setenv("TSVD_CUDA_KERNELS", "v2pq")
+    poison(B * n3 * (n1 + n2) * r * 16)
+    got = OPS.treconstruct_backward(*args)
+    for x, y, z in zip(got, ref_g, base):
+        assert torch.isfinite(x).all() and trel(x, y) < 1e-4
+        assert trel(x, z) < 1e-5

@@ -351,5 +351,26 @@ TSVD_HOST_DEVICE TSVD_FORCEINLINE void bwd_post_v(const V2* q, int64_t fs, T* gv
   });
 }
 
+// ---------------------------------------------------------------------------------------
+// the fused P/Q products of the v2 backward (kernels_v2.cu trec_bwd_pq_v2, opt-in with
+// TSVD_CUDA_KERNELS=v2pq; the host harness of tests/test_cuda.py calls the same function):
+// one element t = Gh_f[i, j] adds t conj(A_f)[i, k] to the thread's Q accumulators and gives
+// its P terms t Vh_f[j, k], k < R (reduced over j by the caller). ca_i: conj(A_f)[i, :]
+// (stride 1), vj: Vh_f[j, :].
+// ---------------------------------------------------------------------------------------
+template <int R, typename T, typename V2>
+TSVD_HOST_DEVICE TSVD_FORCEINLINE void pq_element(V2 t, const V2* TSVD_RESTRICT ca_i,
+                                                  const V2 (&vj)[R], T (&qr)[R], T (&qi)[R],
+                                                  T (&pr)[R], T (&pi)[R]) {
+  static_for<R>([&](auto kk) {
+    constexpr int k = decltype(kk)::value;
+    const V2 c = ca_i[k];
+    qr[k] += t.x * c.x - t.y * c.y;
+    qi[k] += t.x * c.y + t.y * c.x;
+    pr[k] = t.x * vj[k].x - t.y * vj[k].y;
+    pi[k] = t.x * vj[k].y + t.y * vj[k].x;
+  });
+}
+
 }  // namespace cuda_fixed
 }  // namespace tsvd

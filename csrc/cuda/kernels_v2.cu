@@ -237,6 +237,88 @@ trec_bwd_post_v2(const float2* __restrict__ P, const float2* __restrict__ Q,
 }
 
 // ------------------------------------------------------------------------------------
+// fused P/Q of the backward (opt-in: TSVD_CUDA_KERNELS=v2pq; not yet run on a GPU):
+//   P_f = Gh_f Vh_f (n1 x R) and Q_f = Gh_f^T conj(A_f) (n2 x R), both from one read of Gh,
+// in place of the glue's two cuBLAS GEMMs (each reads all of Gh: 109 + 105 us at 48x768x768
+// on an H200, 23-24 % of DRAM throughput). A block owns a 64 x 64 tile of one Gh_f
+// (grid: column tiles, row tiles, B * F); thread (tj, ti) = (tid % 64, tid / 64) takes
+// column j = j0 + tj and rows i0 + ti + 4 m, m < 16: Q over its rows in registers, then
+// over the 4 row groups in shared memory, one atomicAdd per (j, k) and block; P's terms of
+// a row are summed over the warp's 32 columns by shuffles, one atomicAdd per (i, k) and
+// warp. P and Q must be zeroed by the caller. Float sums in a varying order: the last bits
+// of P and Q differ between runs.
+// ------------------------------------------------------------------------------------
+constexpr int kPQTile = 64, kPQGroups = kV2Threads / kPQTile, kPQRows = kPQTile / kPQGroups;
+
+template <int R>
+__global__ void __launch_bounds__(kV2Threads)
+trec_bwd_pq_v2(const float2* __restrict__ gh, const float2* __restrict__ vh,
+               const float2* __restrict__ ca, float2* __restrict__ P, float2* __restrict__ Q,
+               int n1, int n2) {
+  __shared__ float2 sca[kPQTile * R];                 // conj(A_f) rows i0 .. i0 + 63
+  __shared__ float2 sq[kPQGroups * kPQTile * R];      // Q partials of the 4 row groups
+  const int64_t bf = blockIdx.z;
+  const int j0 = blockIdx.x * kPQTile, i0 = blockIdx.y * kPQTile;
+  const int tid = threadIdx.x, tj = tid % kPQTile, ti = tid / kPQTile, lane = tid % 32;
+  for (int q = tid; q < kPQTile * R; q += kV2Threads) {
+    const int i = i0 + q / R;
+    sca[q] = i < n1 ? ca[(bf * n1 + i0) * R + q] : make_float2(0.f, 0.f);
+  }
+  const int j = j0 + tj;
+  const bool jok = j < n2;
+  float2 vj[R];
+  static_for<R>([&](auto kk) {
+    constexpr int k = decltype(kk)::value;
+    vj[k] = jok ? vh[(bf * n2 + j) * R + k] : make_float2(0.f, 0.f);
+  });
+  __syncthreads();
+  float qr[R], qi[R], pr[R], pi[R];
+  static_for<R>([&](auto kk) { qr[decltype(kk)::value] = qi[decltype(kk)::value] = 0.f; });
+  const float2* g = gh + bf * int64_t(n1) * n2;
+  for (int m = 0; m < kPQRows; ++m) {
+    const int ii = ti + kPQGroups * m, i = i0 + ii;   // the same row for the whole warp
+    const float2 t = (jok && i < n1) ? __ldcs(g + int64_t(i) * n2 + j) : make_float2(0.f, 0.f);
+    cuda_fixed::pq_element<R, float, float2>(t, sca + ii * R, vj, qr, qi, pr, pi);
+    static_for<R>([&](auto kk) {
+      constexpr int k = decltype(kk)::value;
+      for (int off = 16; off > 0; off >>= 1) {
+        pr[k] += __shfl_xor_sync(0xffffffffu, pr[k], off);
+        pi[k] += __shfl_xor_sync(0xffffffffu, pi[k], off);
+      }
+    });
+    if (i < n1) {                                   // lane k adds component k of the row
+      float* prow = reinterpret_cast<float*>(P + (bf * n1 + i) * R);
+      static_for<R>([&](auto kk) {
+        constexpr int k = decltype(kk)::value;
+        if (lane == k % 32) {
+          atomicAdd(prow + 2 * k, pr[k]);
+          atomicAdd(prow + 2 * k + 1, pi[k]);
+        }
+      });
+    }
+  }
+  static_for<R>([&](auto kk) {
+    constexpr int k = decltype(kk)::value;
+    sq[(ti * kPQTile + tj) * R + k] = make_float2(qr[k], qi[k]);
+  });
+  __syncthreads();
+  if (ti == 0 && jok) {
+    float* qrow = reinterpret_cast<float*>(Q + (bf * n2 + j) * R);
+    static_for<R>([&](auto kk) {
+      constexpr int k = decltype(kk)::value;
+      float sr = 0.f, si = 0.f;
+      for (int gi = 0; gi < kPQGroups; ++gi) {
+        const float2 v = sq[(gi * kPQTile + tj) * R + k];
+        sr += v.x;
+        si += v.y;
+      }
+      atomicAdd(qrow + 2 * k, sr);
+      atomicAdd(qrow + 2 * k + 1, si);
+    });
+  }
+}
+
+// ------------------------------------------------------------------------------------
 // tube transforms along dim 1: x (B, N3, E) <-> xh (B, F, E) complex; one thread per (b, e),
 // grid-stride; coalesced along e.
 // ------------------------------------------------------------------------------------
@@ -461,6 +543,32 @@ cudaError_t launch_treconstruct_bwd_post_v2(const float* P, const float* Q, cons
         int(n1), int(n2), int(r), nU, nV);
     return cudaGetLastError();
   });
+}
+
+bool bwd_pq_v2_supported(int64_t r) { return r == 1 || r == 2 || r == 4 || r == 8 || r == 16; }
+
+cudaError_t launch_treconstruct_bwd_pq_v2(const float* gh, const float* vh, const float* ca,
+                                          float* P, float* Q, int64_t BF, int64_t n1,
+                                          int64_t n2, int64_t r, cudaStream_t s) {
+  if (!bwd_pq_v2_supported(r) || n1 >= (int64_t(1) << 31) || n2 >= (int64_t(1) << 31))
+    return cudaErrorInvalidValue;
+  if (BF * n1 * n2 == 0) return cudaSuccess;
+  const int64_t gx = cdiv(n2, kPQTile), gy = cdiv(n1, kPQTile);
+  if (BF > 65535 || gy > 65535 || gx > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  const dim3 grid{unsigned(gx), unsigned(gy), unsigned(BF)};
+  const auto* g2 = reinterpret_cast<const float2*>(gh);
+  const auto* v2 = reinterpret_cast<const float2*>(vh);
+  const auto* c2 = reinterpret_cast<const float2*>(ca);
+  auto* p2 = reinterpret_cast<float2*>(P);
+  auto* q2 = reinterpret_cast<float2*>(Q);
+  switch (r) {
+    case 1: trec_bwd_pq_v2<1><<<grid, kV2Threads, 0, s>>>(g2, v2, c2, p2, q2, int(n1), int(n2)); break;
+    case 2: trec_bwd_pq_v2<2><<<grid, kV2Threads, 0, s>>>(g2, v2, c2, p2, q2, int(n1), int(n2)); break;
+    case 4: trec_bwd_pq_v2<4><<<grid, kV2Threads, 0, s>>>(g2, v2, c2, p2, q2, int(n1), int(n2)); break;
+    case 8: trec_bwd_pq_v2<8><<<grid, kV2Threads, 0, s>>>(g2, v2, c2, p2, q2, int(n1), int(n2)); break;
+    default: trec_bwd_pq_v2<16><<<grid, kV2Threads, 0, s>>>(g2, v2, c2, p2, q2, int(n1), int(n2)); break;
+  }
+  return cudaGetLastError();
 }
 
 cudaError_t launch_tube_rfft_v2(const float* x, float* xh, int64_t B, int64_t n3, int64_t E,

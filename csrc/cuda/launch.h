@@ -60,6 +60,14 @@ cudaError_t launch_treconstruct_bwd_post_v2(const float* P, const float* Q, cons
                                             int64_t B, int64_t n3, int64_t n1, int64_t n2,
                                             int64_t r, cudaStream_t s);
 
+// the fused P/Q (opt-in, TSVD_CUDA_KERNELS=v2pq): P = Gh Vh and Q = Gh^T conj(A) from one read
+// of Gh (BF = B * nf matrices, complex); P (BF, n1, r) and Q (BF, n2, r) zeroed by the caller
+// and added into. r in {1, 2, 4, 8, 16} (bwd_pq_v2_supported).
+bool bwd_pq_v2_supported(int64_t r);
+cudaError_t launch_treconstruct_bwd_pq_v2(const float* gh, const float* vh, const float* ca,
+                                          float* P, float* Q, int64_t BF, int64_t n1,
+                                          int64_t n2, int64_t r, cudaStream_t s);
+
 cudaError_t launch_tube_rfft_v2(const float* x, float* xh, int64_t B, int64_t n3, int64_t E,
                                 cudaStream_t s);
 

@@ -62,6 +62,12 @@ bool v2_enabled() {
   const char* e = std::getenv("TSVD_CUDA_KERNELS");
   return e == nullptr || std::strcmp(e, "v1") != 0;
 }
+// TSVD_CUDA_KERNELS=v2pq: the v2 kernels plus the backward's fused P/Q kernel in place of
+// its two cuBLAS GEMMs (opt-in until it has passed the CUDA tests on a GPU).
+bool v2_fused_pq() {
+  const char* e = std::getenv("TSVD_CUDA_KERNELS");
+  return e != nullptr && std::strcmp(e, "v2pq") == 0;
+}
 bool v2_tube(at::ScalarType real_type, int64_t n3) {
   return real_type == at::kFloat && (n3 == 12 || n3 == 48) && v2_enabled();
 }
@@ -284,8 +290,19 @@ std::tuple<Tensor, Tensor, Tensor> treconstruct_backward_impl(const Tensor& grad
     const Tensor vh = at::view_as_complex(
         scratch.narrow(0, na, B * nf * n2 * r * 2).view({B, nf, n2, r, 2}));
     const Tensor gh = tube_rfft_impl(grad);
-    const Tensor P = at::matmul(gh, vh).contiguous();
-    const Tensor Q = at::matmul(gh.transpose(-2, -1), ca).contiguous();
+    Tensor P, Q;
+    if (v2_fused_pq() && tsvd::cuda::bwd_pq_v2_supported(r)) {
+      P = at::zeros({B, nf, n1, r}, gh.options());
+      Q = at::zeros({B, nf, n2, r}, gh.options());
+      const Tensor ghc = gh.contiguous();
+      C10_CUDA_CHECK(tsvd::cuda::launch_treconstruct_bwd_pq_v2(
+          at::view_as_real(ghc).data_ptr<float>(), at::view_as_real(vh).data_ptr<float>(),
+          at::view_as_real(ca).data_ptr<float>(), at::view_as_real(P).data_ptr<float>(),
+          at::view_as_real(Q).data_ptr<float>(), B * nf, n1, n2, r, stream_of(u)));
+    } else {
+      P = at::matmul(gh, vh).contiguous();
+      Q = at::matmul(gh.transpose(-2, -1), ca).contiguous();
+    }
     Tensor gU = at::empty({B, n3, n1, r}, U.options());
     Tensor gV = at::empty({B, n3, n2, r}, U.options());
     Tensor gS = at::zeros({B, n3, r}, U.options());
