@@ -8,12 +8,13 @@ The v2 forward (csrc/cuda/kernels_v2.cu, float32, n3 in {12, 48}) stages a strip
 rfft(V) in shared memory once per block and then runs P passes of 8 rows over it; the
 default P comes from a heuristic (about 4 waves of 2 blocks per SM, P <= 8). Two knobs,
 read on every call, override the defaults: ``TSVD_V2_FWD_PASSES=P`` and
-``TSVD_V2_FWD_SA=0|1``: trec_fwd_v2, which reads the rows of rfft(U) diag(rfft(S)) from
-global memory inside its rank loop, or trec_fwd_v2_sa, which stages them in shared memory
-per pass (the default at n3 = 48 only). This script times the raw op
+``TSVD_V2_FWD_SA=0|1|2``: trec_fwd_v2, which reads the rows of rfft(U) diag(rfft(S)) from
+global memory inside its rank loop; trec_fwd_v2_sa, which stages them in shared memory per
+pass (the default at n3 = 48 only); or (2, opt-in) the staged kernel without the residual
+prefetch at 3 blocks per SM. This script times the raw op
 ``torch.ops.tsvd.treconstruct(U, S, V, R)`` (batch 1) with the defaults ("auto"), with
-each kernel ("sa0", "sa1"), and with every P of --passes for each kernel ("sa0,P",
-"sa1,P"), interleaved with ``R.clone()`` in each round (CUDA
+each kernel ("sa0", "sa1", "sa2"), and with every P of --passes for each kernel ("sa0,P",
+"sa1,P", "sa2,P"), interleaved with ``R.clone()`` in each round (CUDA
 events around --inner back-to-back calls; median over --rounds). Before timing it checks
 that every setting gives bit-for-bit the default's output (the same arithmetic per
 element; only the blocks' row ranges and where a2 is read from differ) over NaN-poisoned
@@ -64,9 +65,10 @@ def main(argv=None) -> int:
         p.error("needs a CUDA device and tsvd._C built with CUDA kernels")
     op = torch.ops.tsvd.treconstruct
     g = torch.Generator(device="cuda").manual_seed(0)
-    env = {"auto": {}, "sa0": {"TSVD_V2_FWD_SA": "0"}, "sa1": {"TSVD_V2_FWD_SA": "1"}}
+    env = {"auto": {}, "sa0": {"TSVD_V2_FWD_SA": "0"}, "sa1": {"TSVD_V2_FWD_SA": "1"},
+           "sa2": {"TSVD_V2_FWD_SA": "2"}}
     for v in passes:
-        for sa in "01":
+        for sa in "012":
             env[f"sa{sa},{v}"] = {"TSVD_V2_FWD_PASSES": str(v), "TSVD_V2_FWD_SA": sa}
     settings = list(env)
 

@@ -132,8 +132,8 @@ trec_fwd_v2(const float2* __restrict__ a2, const float2* __restrict__ b2,
 // shared memory after the strip ([8][r][F] float2) with coalesced loads by the whole block,
 // one load latency, so that the rank loop reads shared memory only (warp-uniform
 // addresses: broadcasts). Two barriers per pass; the residual tube is prefetched before.
-template <int N3>
-__global__ void __launch_bounds__(kV2Threads, 2)
+template <int N3, bool PREFETCH = true, int MIN_BLOCKS = 2>
+__global__ void __launch_bounds__(kV2Threads, MIN_BLOCKS)
 trec_fwd_v2_sa(const float2* __restrict__ a2, const float2* __restrict__ b2,
                const float* __restrict__ res, float* __restrict__ out, int n1, int n2, int r,
                int rows_per_block) {
@@ -157,14 +157,16 @@ trec_fwd_v2_sa(const float2* __restrict__ a2, const float2* __restrict__ b2,
     const int i = ib + ty;
     const bool work = j < n2 && i < i_end;
     const int64_t off = b * N3 * plane + int64_t(i) * n2 + j;
-    float rv[N3];
-    if (work && res != nullptr) {
-      static_for<N3>([&](auto tt) {
-        constexpr int t = decltype(tt)::value;
-        rv[t] = __ldcs(res + off + t * plane);
-      });
-    } else {
-      static_for<N3>([&](auto tt) { rv[decltype(tt)::value] = 0.f; });
+    float rv[PREFETCH ? N3 : 1];
+    if constexpr (PREFETCH) {
+      if (work && res != nullptr) {
+        static_for<N3>([&](auto tt) {
+          constexpr int t = decltype(tt)::value;
+          rv[t] = __ldcs(res + off + t * plane);
+        });
+      } else {
+        static_for<N3>([&](auto tt) { rv[decltype(tt)::value] = 0.f; });
+      }
     }
     const int nrows = min(kRowsPerPass, i_end - ib);
     const float2* asrc = a2 + (b * n1 + ib) * rf;
@@ -177,7 +179,11 @@ trec_fwd_v2_sa(const float2* __restrict__ a2, const float2* __restrict__ b2,
       float* o = out + off;
       irdft_fixed<N3>(yr, yi, [&](auto tt, float v) {
         constexpr int t = decltype(tt)::value;
-        __stcs(o + t * plane, v + rv[t]);
+        if constexpr (PREFETCH) {
+          __stcs(o + t * plane, v + rv[t]);
+        } else {
+          __stcs(o + t * plane, res != nullptr ? v + __ldcs(res + off + t * plane) : v);
+        }
       });
     }
   }
@@ -430,12 +436,18 @@ constexpr size_t kFwdSmemMax = size_t(100) * 1024;  // 2 blocks per SM
 // against 160.4 us at 48x768x768, but 119.4 against 107.9 us at 12x3072x768 (7 products
 // per rank: the loads of a row were few, and the two barriers per pass cost more), so not at
 // N3 = 12. TSVD_V2_FWD_SA=0 / =1 (read on every call) turns it off / on where it fits.
-bool fwd_stage_a(int64_t n3, int64_t r) {
-  if (fwd_smem_bytes(n3, r, true) > kFwdSmemMax) return false;
+// TSVD_V2_FWD_SA=2 (opt-in, not yet run on a GPU): the staged kernel without the residual
+// prefetch (the tube is read as it is written) and 3 blocks per SM (80 registers, 44 bytes
+// of spills at N3 = 48, nvcc 13.0): more warps to hide latency, for bench/trec_launch.py.
+int fwd_stage_a(int64_t n3, int64_t r) {
+  if (fwd_smem_bytes(n3, r, true) > kFwdSmemMax) return 0;
   const char* knob = std::getenv("TSVD_V2_FWD_SA");
-  if (knob != nullptr && std::strcmp(knob, "0") == 0) return false;
-  if (knob != nullptr && std::strcmp(knob, "1") == 0) return true;
-  return n3 >= 48;
+  if (knob != nullptr && std::strcmp(knob, "0") == 0) return 0;
+  if (knob != nullptr && std::strcmp(knob, "1") == 0) return 1;
+  if (knob != nullptr && std::strcmp(knob, "2") == 0 &&
+      3 * fwd_smem_bytes(n3, r, true) <= size_t(225) * 1024)
+    return 2;
+  return n3 >= 48 ? 1 : 0;
 }
 
 template <typename Fn>
@@ -471,8 +483,8 @@ cudaError_t launch_treconstruct_fwd_v2(const float* U, const float* S, const flo
   DeviceFacts df;
   cudaError_t err = device_facts(&df);
   if (err != cudaSuccess) return err;
-  const bool sa = fwd_stage_a(n3, r);
-  const size_t smem = fwd_smem_bytes(n3, r, sa);
+  const int sa = fwd_stage_a(n3, r);
+  const size_t smem = fwd_smem_bytes(n3, r, sa != 0);
   if (smem > size_t(df.smem_optin)) return cudaErrorInvalidValue;
   return dispatch_n3(n3, [&](auto nn) {
     constexpr int N3 = decltype(nn)::value;
@@ -483,8 +495,9 @@ cudaError_t launch_treconstruct_fwd_v2(const float* U, const float* S, const flo
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
     if (smem > 48 * 1024) {
-      e = sa ? allow_fwd_smem<trec_fwd_v2_sa<N3>>(df.smem_optin)
-             : allow_fwd_smem<trec_fwd_v2<N3>>(df.smem_optin);
+      e = sa == 2 ? allow_fwd_smem<trec_fwd_v2_sa<N3, false, 3>>(df.smem_optin)
+          : sa == 1 ? allow_fwd_smem<trec_fwd_v2_sa<N3>>(df.smem_optin)
+                    : allow_fwd_smem<trec_fwd_v2<N3>>(df.smem_optin);
       if (e != cudaSuccess) return e;
     }
     // Rows per block: several passes of 8 rows, so that the strip of Vh staged in shared
@@ -504,7 +517,10 @@ cudaError_t launch_treconstruct_fwd_v2(const float* U, const float* S, const flo
     const dim3 grid{unsigned(strips), unsigned(gy), unsigned(B)}, block{unsigned(kStrip), unsigned(kRowsPerPass)};
     const float2* a2c = reinterpret_cast<const float2*>(a2);
     const float2* b2c = reinterpret_cast<const float2*>(b2);
-    if (sa)
+    if (sa == 2)
+      trec_fwd_v2_sa<N3, false, 3><<<grid, block, smem, s>>>(a2c, b2c, res, out, int(n1),
+                                                             int(n2), int(r), rows);
+    else if (sa == 1)
       trec_fwd_v2_sa<N3><<<grid, block, smem, s>>>(a2c, b2c, res, out, int(n1), int(n2), int(r),
                                                    rows);
     else
