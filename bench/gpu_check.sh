@@ -13,6 +13,8 @@
 #   3. trec_micro:   bench/trec_micro.py --device cuda --kernels v1,v2,v2pq (fused
 #                    reconstruction vs clone and plain PyTorch, the kernel sets interleaved,
 #                    NaN-poisoned correctness of each) -> trec_micro.json,
+#      trec_launch:  bench/trec_launch.py (the v2 forward's kernel settings and rows per
+#                    block side by side, bit-identical outputs checked; log only),
 #      host_overhead: bench/host_overhead.py --device cuda --n3 12 (the v2 kernels' path) ->
 #                    host_overhead_cuda.json,
 #      kernels:      bench/kernels.py --device cuda (--quick unless --full) -> kernels_cuda.json,
@@ -360,6 +362,11 @@ elif plan trec_micro 150 45; then
   rc=$?
   if [ $rc = 1 ]; then say "trec_micro: a correctness check failed or a shape raised (see trec_micro.json)"; status=1
   elif [ $rc != 0 ]; then say "bench/trec_micro.py failed (exit $rc)"; fi
+fi
+if [ $HAVE_V2 = 1 ] && [ -f bench/trec_launch.py ] && plan trec_launch 60 20; then
+  # the v2 forward's kernel settings side by side (printed to the log only: OUT is full)
+  run trec_launch "$LIMIT" "$PY" bench/trec_launch.py --passes 1,2,3,4,8 --rounds 12 \
+      || say "bench/trec_launch.py: a setting's output differed or it failed (see the log)"
 fi
 if [ ! -f bench/host_overhead.py ]; then
   say "bench/host_overhead.py missing"
