@@ -269,3 +269,22 @@ def test_gpu_check_bad_usage_exits_2(tmp_path):
     assert r.returncode == 2 and "--bogus" in r.stderr
     r = _check(tmp_path, "--dry-run", GPU_CHECK_DEADLINE="9m")
     assert r.returncode == 2 and "GPU_CHECK_DEADLINE" in r.stderr
+
+
+def test_tsvd_profile_runs_on_cpu_with_op_counts():
+    """bench/tsvd_profile.py on the CPU, small shape: every setting prints a row (the real
+    slices separate beside auto), and --count-ops prints the merged path with fewer ATen ops
+    than the separate one (one block Krylov run instead of two)."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "tsvd_profile.py"), "--device",
+                        "cpu", "--shapes", "6x400x300", "--k", "3", "--reps", "1",
+                        "--profile-shape", "none", "--count-ops"],
+                       capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name in ("auto ", "auto, real separate", "randomized tol 1e-4", "full"):
+        assert re.search(rf"6x400x300 {re.escape(name)}.* ms ", r.stdout), (name, r.stdout)
+    m = re.search(r"6x400x300  separate (\d+) ops, it (\d+); merged (\d+) ops, it (\d+)", r.stdout)
+    assert m, r.stdout
+    assert int(m.group(2)) > 0 and int(m.group(3)) < int(m.group(1))
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "tsvd_profile.py"), "--shapes",
+                          "6x90"], capture_output=True, text=True, env=_env(), timeout=60)
+    assert bad.returncode == 2 and "--shapes" in bad.stderr

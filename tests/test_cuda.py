@@ -978,6 +978,40 @@ def test_gpu_iterated_topk_meets_the_contract(algorithm, monkeypatch):
 
 @cuda
 @pytest.mark.cuda
+def test_gpu_tsvd_real_slices_merged():
+    """On CUDA tensors (REAL_SLICES "auto" = "merged") the FFT's DC and Nyquist slices iterate
+    in the complex batch: one block Krylov run, real singular vectors for those slices
+    (imaginary part at most rounding inside topk_svd, exactly 0 from hat_topk_svd), and
+    every slice meets the contract against float64 LAPACK on the CPU."""
+    k, tol, n3 = 4, 1e-4, 6
+    g = torch.Generator().manual_seed(5)
+    i = torch.arange(1, 121, dtype=torch.float64)
+    m = n3 // 2 + 1
+    q1 = torch.linalg.qr(torch.randn(m, 150, 120, dtype=torch.complex128, generator=g)).Q
+    q2 = torch.linalg.qr(torch.randn(m, 120, 120, dtype=torch.complex128, generator=g)).Q
+    xh = (q1 * (i ** -0.8).to(torch.complex128)) @ q2.mH
+    xh[0], xh[-1] = xh[0].real.to(xh.dtype), xh[-1].real.to(xh.dtype)
+    xd = xh.to(torch.complex64).to(DEV)
+    tr = tsvd.transforms.get_transform("fft")
+    uh, sh, vh = _lowrank.hat_topk_svd(xd, k, tr, n3, tol=tol, cost_model=False)
+    info = _lowrank.last_info()
+    assert len(info["parts"]) == 1 and info["iterations"] > 0 and info["fallback"] == 0, info
+    assert uh.is_cuda and float(uh[[0, -1]].imag.abs().max()) == 0.0
+    assert float(vh[[0, -1]].imag.abs().max()) == 0.0
+    real = torch.tensor([True] + [False] * (m - 2) + [True])
+    u, s, v, _ = _lowrank.topk_svd(xd, k, tol=tol, cost_model=False, real=real)
+    assert float(u[real].imag.abs().max()) <= 1e-6 and float(v[real].imag.abs().max()) <= 1e-6
+    sv = torch.linalg.svdvals(xh)
+    xt = (uh.cpu().to(torch.complex128) * sh.cpu().double()[..., None, :]) \
+        @ vh.cpu().to(torch.complex128).mH
+    a = (torch.linalg.matrix_norm(xh - xt) ** 2 - (sv[..., k:] ** 2).sum(-1)) \
+        / (sv[..., :k] ** 2).sum(-1)
+    b = (sh.cpu().double() - sv[..., :k]).abs().amax(-1) / sv[..., 0]
+    assert (a <= tol).all() and (b <= tol).all(), (a, b)
+
+
+@cuda
+@pytest.mark.cuda
 def test_gpu_autograd_through_public_api():
     U, S, V, R = (rnd(*s, seed=i) for i, s in
                   enumerate([(12, 30, 8), (12, 8), (12, 40, 8), (12, 30, 40)]))

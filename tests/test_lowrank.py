@@ -244,6 +244,73 @@ def test_public_fft_randomized_equals_full(n3):
     assert float((utu - tsvd.teye(k, n3)).abs().max()) < 1e-4
 
 
+def _contract(u, s, v, x, k):
+    """Per matrix of ``x (a, n1, n2)``: contract (a) / ‖X_k‖_F² and (b) / σ_1 of the returned
+    triplets against the float64 SVD of x (the oracle)."""
+    hi = torch.complex128 if x.is_complex() else torch.float64
+    x = x.to(hi)
+    sv = torch.linalg.svdvals(x)
+    xt = (u.to(hi) * s.double()[..., None, :].to(hi)) @ v.to(hi).mH
+    err2 = torch.linalg.matrix_norm(x - xt) ** 2
+    a = (err2 - (sv[..., k:] ** 2).sum(-1)) / (sv[..., :k] ** 2).sum(-1)
+    b = (s.double() - sv[..., :k]).abs().amax(-1) / sv[..., 0]
+    return a, b
+
+
+@pytest.mark.parametrize("small_linalg", ["device", "host"])
+@pytest.mark.parametrize("n3,n1,n2", [(6, 90, 60), (5, 60, 90), (12, 120, 80)])
+def test_real_slices_merged_into_the_complex_batch(n3, n1, n2, small_linalg, monkeypatch):
+    """REAL_SLICES "merged" (what CUDA tensors use): the FFT's DC (and Nyquist) slices
+    iterate in the complex slices' batch from a real start with real eigenproblems. Their
+    triplets come out of ``topk_svd(real=...)`` with imaginary part exactly 0, one block
+    Krylov run does all slices, and every slice meets the contract against float64 LAPACK."""
+    monkeypatch.setattr(_lowrank, "SMALL_LINALG", small_linalg)
+    k, tol = 4, 1e-4
+    tr = get_transform("fft")
+    xh = tr.forward(tensor_decaying(n3, n1, n2, seed=n3).float())
+    m = xh.shape[-3]
+    real = torch.zeros(m, dtype=torch.bool)
+    real[0] = True
+    real[m - 1] |= n3 % 2 == 0
+    u, s, v, info = _lowrank.topk_svd(xh, k, tol=tol, cost_model=False, real=real)
+    assert info["iterations"] > 0 and info["fallback"] == 0
+    assert float(u[real].imag.abs().max()) == 0.0 and float(v[real].imag.abs().max()) == 0.0
+    a, b = _contract(u, s, v, xh, k)
+    assert (a <= tol).all() and (b <= tol).all(), (a, b)
+
+    monkeypatch.setattr(_lowrank, "REAL_SLICES", "merged")
+    uh, sh, vh = _lowrank.hat_topk_svd(xh, k, tr, n3, tol=tol, cost_model=False)
+    assert len(_lowrank.last_info()["parts"]) == 1
+    monkeypatch.setattr(_lowrank, "REAL_SLICES", "separate")
+    _lowrank.hat_topk_svd(xh, k, tr, n3, tol=tol, cost_model=False)
+    assert len(_lowrank.last_info()["parts"]) == 2
+    assert float(uh[real].imag.abs().max()) == 0.0 and float(vh[real].imag.abs().max()) == 0.0
+    a, b = _contract(uh, sh, vh, xh, k)
+    assert (a <= tol).all() and (b <= tol).all(), (a, b)
+
+
+def test_real_slices_merged_fallback_and_bad_input(monkeypatch):
+    """A budget too short sends slices to the full SVD, the real ones in real arithmetic
+    (real vectors, float64 optimum); a bad ``real`` mask is refused before any work."""
+    k = 3
+    x = decaying((5,), 70, 50, cplx=True, flat=True, noise=1e-3, seed=4).to(torch.complex64)
+    x[0] = x[0].real.to(x.dtype)
+    x[4] = x[4].real.to(x.dtype)
+    real = torch.tensor([True, False, False, False, True])
+    u, s, v, info = _lowrank.topk_svd(x, k, tol=1e-7, max_iter=2, cost_model=False, real=real)
+    assert info["fallback"] == 5
+    assert float(u[real].imag.abs().max()) == 0.0 and float(v[real].imag.abs().max()) == 0.0
+    a, b = _contract(u, s, v, x, k)
+    assert (a <= 1e-5).all() and (b <= 1e-5).all(), (a, b)
+    with pytest.raises(ValueError, match="real: expected a bool tensor of shape"):
+        _lowrank.topk_svd(x, k, real=real[:4])
+    with pytest.raises(ValueError, match="real: only for algorithm='krylov'"):
+        _lowrank.topk_svd(x, k, real=real, algorithm="subspace")
+    monkeypatch.setattr(_lowrank, "REAL_SLICES", "both")
+    with pytest.raises(ValueError, match="REAL_SLICES"):
+        _lowrank.hat_topk_svd(x, k, get_transform("fft"), 8)
+
+
 def test_public_eckart_young_fft_float64_optimum():
     """‖X - X_k‖_F equals the float64 optimum sqrt((1/n3) Σ_f Σ_{i>k} σ_i(X̂_f)²)."""
     n3, k = 6, 5

@@ -137,6 +137,16 @@ KRYLOV_BASIS = 25.0
 #: the iteration: "krylov" (block Krylov, the default) or "subspace" (subspace iteration, kept
 #: for comparison: ``bench/tsvd_topk.py --algorithms``)
 ALGORITHM = "krylov"
+#: the FFT's real slices (DC and, for even n3, Nyquist) in :func:`hat_topk_svd`: "separate"
+#: (their own batch in real arithmetic: a second block Krylov run), "merged" (in the complex
+#: slices' batch, kept real by a real start and real eigenproblems, ``topk_svd(real=...)``:
+#: one run, so half the launches and host syncs, but their products cost complex
+#: arithmetic), or "auto" (default): "merged" where the small work runs on the host
+#: (:data:`SMALL_LINALG`, i.e. CUDA tensors: there a t-SVD is bound by its launches, about
+#: 1000 for 48x768x768 at k = 8 on an H200, 2026-12-04), "separate" otherwise (on a CPU the
+#: products dominate: merging would add a third to them at n3 = 12). Either way the real
+#: slices' singular vectors are real.
+REAL_SLICES = "auto"
 
 
 def last_info() -> dict:
@@ -347,30 +357,39 @@ class _one_thread:
             torch.set_num_threads(self.n)
 
 
-def _orth(y):
+def _orth(y, host: bool = False):
     """Orthonormal basis of the columns of tall ``y (a, n, l)`` in y's dtype by CholeskyQR2
     on column-scaled y (Gram matrices in y's dtype, Cholesky and inverse factors of the
     l x l matrices in float64, then matmuls: far cheaper here than batched Householder QR).
     Entries whose Gram matrix is not numerically positive definite or whose first pass is far
-    from orthonormal (rank-deficient or very ill-conditioned y) get Householder
-    ``torch.linalg.qr`` in float64, which completes the basis with arbitrary columns."""
+    from orthonormal (rank-deficient or very ill-conditioned y, or non-finite entries) get
+    Householder ``torch.linalg.qr`` in float64, which completes the basis with arbitrary
+    columns. host: the ``l x l`` Cholesky factors and their inverses are computed on the CPU
+    (:data:`SMALL_LINALG`), so that y's device runs only the two Gram products, the two
+    basis products and the transfers, and the test for the fallback needs no further sync.
+
+    The second pass's Gram matrix decides, for both passes: it is finite and within 0.1 of
+    the identity only if the first pass's basis is finite and nearly orthonormal, and then
+    its Cholesky factor's inverse (checked finite) keeps the final basis finite."""
     hdt = _hi(y.dtype)
     nrm = torch.linalg.vector_norm(y, dim=-2, keepdim=True)
-    q = y / torch.where(nrm > 0, nrm, torch.ones_like(nrm))
-    bad = torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
-    eye = torch.eye(y.shape[-1], dtype=hdt, device=y.device)
+    q = y / nrm.clamp_min(torch.finfo(nrm.dtype).tiny)
+    sdev = torch.device("cpu") if host else y.device
+    bad = torch.zeros(y.shape[0], dtype=torch.bool, device=sdev)
+    eye = torch.eye(y.shape[-1], dtype=hdt, device=sdev)
     for pass_ in range(2):
-        g = (q.mH @ q).to(hdt)
+        g = (q.mH @ q).to(hdt).to(sdev)
         if pass_ == 1:
-            bad |= (g - eye).abs().amax((-2, -1)) > 0.1
+            bad |= ~((g - eye).abs().amax((-2, -1)) <= 0.1)     # NaN counts as far
         with _one_thread():
             r, info = torch.linalg.cholesky_ex(g, upper=True)
             bad |= info != 0
             r = torch.where((info != 0)[:, None, None], eye, r)
             rinv = torch.linalg.solve_triangular(r, eye.expand_as(r), upper=True)
-        q = q @ rinv.to(y.dtype)
-    bad |= ~torch.isfinite(q).all(-1).all(-1)
+        q = q @ rinv.to(y.device, y.dtype)
+    bad |= ~torch.isfinite(rinv).all(-1).all(-1)
     if bool(bad.any()):
+        bad = bad.to(y.device)
         q = q.clone()
         q[bad] = torch.linalg.qr(y[bad].to(hdt))[0].to(y.dtype)
     return q
@@ -402,7 +421,7 @@ def _svd_wide(b, host: bool):
     if not host:
         with _one_thread():
             return torch.linalg.svd(b, full_matrices=False)
-    q = _orth(b.mH)                                             # (a, n, l)
+    q = _orth(b.mH, host=True)                                  # (a, n, l)
     rh = b @ q                                                  # (a, l, l)
     with _one_thread():
         w, sig, zh = torch.linalg.svd(rh.cpu(), full_matrices=False)
@@ -410,9 +429,38 @@ def _svd_wide(b, host: bool):
     return w.to(dev), sig.to(dev), zh.to(dev) @ q.mH
 
 
-def _full(x, k):
+def _full(x, k, real=None):
+    """Top-k of the full SVD of every matrix of ``x (a, n1, n2)``. ``real``: None or an
+    ``(a,)`` bool mask of matrices of a complex x whose entries are real: those are
+    decomposed in real arithmetic, so that their singular vectors are real."""
+    if real is not None and x.is_complex() and bool(real.any()):
+        real = real.to(x.device)
+        U = x.new_empty(*x.shape[:-1], k)
+        S = torch.empty(*x.shape[:-2], k, dtype=_real_dtype(x.dtype), device=x.device)
+        V = x.new_empty(x.shape[0], x.shape[-1], k)
+        for sel, xs in ((real, x[real].real), (~real, x[~real])):
+            if xs.shape[0]:
+                u, s, v = _full(xs, k)
+                U[sel], S[sel], V[sel] = u.to(x.dtype), s, v.to(x.dtype)
+        return U, S, V
     u, s, vh = torch.linalg.svd(x, full_matrices=False)
     return u[..., :k], s[..., :k], vh[..., :k, :].mH
+
+
+def _eigh(g, real=None):
+    """``torch.linalg.eigh`` of the Hermitian ``g (a, L, L)``; ``real``: None or an ``(a,)``
+    bool mask (on g's device) of matrices whose entries are real, whose eigenvectors are then
+    computed in real arithmetic (exactly real, whatever the LAPACK in use does with a complex
+    matrix that happens to be real)."""
+    if real is None or not g.is_complex() or not bool(real.any()):
+        return torch.linalg.eigh(g)
+    th = torch.empty(g.shape[:-1], dtype=_real_dtype(g.dtype), device=g.device)
+    W = torch.empty_like(g)
+    for sel, gs in ((real, g[real].real), (~real, g[~real])):
+        if gs.shape[0]:
+            t, w = torch.linalg.eigh(gs)
+            th[sel], W[sel] = t, w.to(g.dtype)
+    return th, W
 
 
 def _rounding_floor(dt, n: int) -> float:
@@ -437,13 +485,17 @@ def restart_size(k: int, b: int) -> tuple[int, int]:
     return max(kept + 4 * b, 128), kept
 
 
-def _krylov(xb, k, b, tol, budget, generator, host, need_grad, extra=0):
+def _krylov(xb, k, b, tol, budget, generator, host, need_grad, extra=0, real=None):
     """Block Krylov (block Lanczos on ``X Xᴴ`` with full reorthogonalisation) on every matrix
     of ``xb (a, n1, n2)``; the basis lives on the shorter side. See the module docstring.
     Returns ``U, S, V`` (filled for the accepted matrices), the bases to differentiate
     through (or None), the indices of the matrices to give a full SVD, the number of block
     steps and the largest accepted estimates. ``extra``: block steps allowed past ``budget``
-    for matrices whose best estimate's rate predicts tol within them."""
+    for matrices whose best estimate's rate predicts tol within them. ``real``: None or an
+    ``(a,)`` bool mask (CPU) of matrices of a complex xb whose entries are real: they start
+    from a real Gaussian block and their ``L x L`` eigenproblems are solved in real
+    arithmetic, so that every product, basis and Ritz vector of theirs has imaginary part 0
+    (a complex product of real-valued operands adds only zeros to the imaginary part)."""
     nb, n1, n2 = xb.shape
     flip = n1 > n2
     # A = Xᴴ when flipped, else X: (a, m, n), m <= n. Its products A Z and Aᴴ Q are written
@@ -468,7 +520,12 @@ def _krylov(xb, k, b, tol, budget, generator, host, need_grad, extra=0):
     floor = _rounding_floor(dt, n)
     lmax, kept = restart_size(k, b)
     omega = torch.randn(n, b, dtype=dt, device=dev, generator=generator)
-    q = _orth(mul(xa, omega))                          # Q_0 (a, m, b)
+    if real is not None and dt.is_complex and bool(real.any()):
+        omega = omega.expand(nb, n, b).clone()
+        omega[real.to(dev)] = omega.real[0].to(dt)     # real slices: a real start
+    else:
+        real = None
+    q = _orth(mul(xa, omega), host)                    # Q_0 (a, m, b)
     pl = rmul(xa, q)                                   # P_0 = Aᴴ Q_0 (a, n, b)
     Q, Ph = q, pl.to(hdt)                              # the basis and Xᴴ Q (float64)
     G = Ph.mH @ Ph                                     # Qᴴ X Xᴴ Q (a, L, L)
@@ -491,7 +548,7 @@ def _krylov(xb, k, b, tol, budget, generator, host, need_grad, extra=0):
         yy = y.mH.to(hdt) @ y.to(hdt)
         gh, yy = (0.5 * (G + G.mH)).to(sdev), (0.5 * (yy + yy.mH)).to(sdev)
         with _one_thread():
-            th, W = torch.linalg.eigh(gh)
+            th, W = _eigh(gh, None if real is None else real.to(sdev)[idx])
             lam, E = torch.linalg.eigh(yy)
         th, W = th.flip(-1).clamp_min(0), W.flip(-1)                       # on sdev
         lam = lam.clamp_min(0)
@@ -534,7 +591,8 @@ def _krylov(xb, k, b, tol, budget, generator, host, need_grad, extra=0):
             sk = sig[ok][..., :k].to(dev)
             inv = torch.where(sk > 0, 1 / sk.clamp_min(torch.finfo(sk.dtype).tiny),
                               torch.zeros_like(sk))
-            vk = _orthonormal_columns(Ph[ok] @ wk * inv[..., None, :]).to(dt)   # Xᴴ U / σ̂
+            vk = Ph[ok] @ wk * inv[..., None, :]                          # Xᴴ U / σ̂
+            vk = _orthonormal_columns(vk.to(sdev)).to(dev, dt)
             if flip:
                 uk, vk = vk, uk
             U[sel], S[sel], V[sel] = uk, sk.to(rdt), vk
@@ -565,8 +623,8 @@ def _krylov(xb, k, b, tol, budget, generator, host, need_grad, extra=0):
         # _orth's completion is made orthogonal to Q by the second projection)
         if L + b > m:                                  # the last, partial block: span(Q) = C^m
             y = y[..., :m - L]
-        q = _orth(y)
-        q = _orth(q - Q @ (Q.mH @ q))
+        q = _orth(y, host)
+        q = _orth(q - Q @ (Q.mH @ q), host)
         pl = rmul(xa, q)
         plh = pl.to(hdt)
         gc = Ph.mH @ plh                                                   # (a, L, b)
@@ -580,7 +638,7 @@ def _krylov(xb, k, b, tol, budget, generator, host, need_grad, extra=0):
 def topk_svd(x: torch.Tensor, k: int, *, oversample: int | None = None,
              tol: float | None = None, max_iter: int | None = None,
              generator: torch.Generator | None = None, cost_model: bool = True,
-             algorithm: str | None = None):
+             algorithm: str | None = None, real: torch.Tensor | None = None):
     """Top-k SVD of a batch of matrices ``x (..., n1, n2)`` (real or complex) meeting the
     contract (a), (b) of the module docstring per matrix.
 
@@ -599,6 +657,9 @@ def topk_svd(x: torch.Tensor, k: int, *, oversample: int | None = None,
             budget of ``max_iter`` (default :data:`DEFAULT_MAX_ITER`) iterations.
         algorithm: ``"krylov"`` (block Krylov, a block step = two products with l columns)
             or ``"subspace"`` (subspace iteration); None for :data:`ALGORITHM`.
+        real: None, or for a complex x a bool tensor of x's batch shape marking matrices
+            whose entries are real: their singular vectors come out real (imaginary part
+            exactly 0), as from a real SVD. Block Krylov without gradients only.
     Returns:
         ``U (..., n1, k)``, ``S (..., k)`` real descending, ``V (..., n2, k)`` in x's dtype
         with ``x ≈ U diag(S) Vᴴ``, and an info dict (``iterations``, ``fallback``, ``full``,
@@ -630,11 +691,18 @@ def topk_svd(x: torch.Tensor, k: int, *, oversample: int | None = None,
     info = {"slices": nb, "iterations": 0, "fallback": 0, "full": 0, "est_a": 0.0,
             "est_b": 0.0, "l": l, "budget": budget}
     need_grad = torch.is_grad_enabled() and x.requires_grad
+    if real is not None:
+        if tuple(real.shape) != tuple(batch) or real.dtype != torch.bool:
+            raise ValueError(f"real: expected a bool tensor of shape {tuple(batch)} (x's batch "
+                             f"shape), got {real.dtype} of shape {tuple(real.shape)}")
+        if algorithm != "krylov" or need_grad:
+            raise ValueError("real: only for algorithm='krylov' without gradients")
+        real = real.reshape(-1).cpu() if dt.is_complex else None
     if nb == 0:
         z = x.new_zeros
         return (z(*batch, n1, k), z(*batch, k, dtype=rdt), z(*batch, n2, k), info)
     if not use_iter:
-        u, s, v = _full(x.reshape(-1, n1, n2), k)
+        u, s, v = _full(x.reshape(-1, n1, n2), k, real)
         info["full"] = nb
         return (u.reshape(*batch, n1, k), s.reshape(*batch, k), v.reshape(*batch, n2, k), info)
     if generator is None:
@@ -645,11 +713,12 @@ def topk_svd(x: torch.Tensor, k: int, *, oversample: int | None = None,
             # an explicit max_iter (cost_model=False) is a hard cap
             U, S, V, Qs, fidx, it, worst_a, worst_b = _krylov(
                 xb, k, l, tol, budget, generator, host, need_grad,
-                extra=budget // 2 if cost_model else 0)
+                extra=budget // 2 if cost_model else 0, real=real)
             info.update(iterations=it, est_a=worst_a, est_b=worst_b,
                         fallback=int(fidx.numel()))
             if fidx.numel() > 0 and not need_grad:
-                U[fidx], S[fidx], V[fidx] = _full(xb[fidx], k)
+                U[fidx], S[fidx], V[fidx] = _full(
+                    xb[fidx], k, None if real is None else real[fidx.cpu()])
         if need_grad:
             U, S, V = _differentiable(x.reshape(-1, n1, n2), Qs, fidx, k)
         return (U.reshape(*batch, n1, k), S.reshape(*batch, k), V.reshape(*batch, n2, k),
@@ -663,7 +732,7 @@ def topk_svd(x: torch.Tensor, k: int, *, oversample: int | None = None,
         idx = torch.arange(nb, device=x.device)          # slices still iterating
         full_idx = []
         xa = xb
-        q = _orth(xa @ omega)
+        q = _orth(xa @ omega, host)
         prev = last = None
         it = 0
         worst_a = worst_b = 0.0
@@ -723,7 +792,7 @@ def topk_svd(x: torch.Tensor, k: int, *, oversample: int | None = None,
             prev = None if last is None else last[keep]          # two iterations back
             last = cheap[keep]
             idx, xa, y = idx[keep], xa[keep], y[keep]
-            q = _orth(y)
+            q = _orth(y, host)
         info["iterations"] = it
         info["est_a"], info["est_b"] = worst_a, worst_b
         fidx = torch.cat(full_idx) if full_idx else idx[:0]
@@ -753,6 +822,18 @@ def _differentiable(x, Qs, fidx, k):
     return tuple(torch.cat([pt[i] for pt in parts])[order] for i in (1, 2, 3))
 
 
+def _merge_real(xh: torch.Tensor, m: int, n_real: int) -> bool:
+    """Whether :func:`hat_topk_svd` decomposes the FFT's real slices in the complex batch
+    (:data:`REAL_SLICES`)."""
+    mode = REAL_SLICES
+    if mode not in ("auto", "merged", "separate"):
+        raise ValueError(f"tsvd._lowrank.REAL_SLICES: expected 'auto', 'merged' or "
+                         f"'separate', got {mode!r}")
+    if m == n_real or ALGORITHM != "krylov" or (torch.is_grad_enabled() and xh.requires_grad):
+        return False
+    return mode == "merged" or (mode == "auto" and _small_on_host(xh.device))
+
+
 def hat_topk_svd(xh: torch.Tensor, k: int, tr: Transform, n3: int, *,
                  oversample: int | None = None, tol: float | None = None,
                  max_iter: int | None = None, generator: torch.Generator | None = None,
@@ -764,8 +845,9 @@ def hat_topk_svd(xh: torch.Tensor, k: int, tr: Transform, n3: int, *,
             the FFT; real for the DCT and matrix transforms).
         k: number of singular triplets kept, ``1 <= k <= min(n1, n2)``.
         tr, n3: the transform and the tube length (for the FFT the DC slice and, for even
-            n3 > 1, the Nyquist slice are real and decomposed in real arithmetic, so that
-            their singular vectors stay real, as in ``reference.hat_svd``).
+            n3 > 1, the Nyquist slice are real and their singular vectors real, as in
+            ``reference.hat_svd``: a batch of their own in real arithmetic, or within the
+            complex batch, see :data:`REAL_SLICES`).
         oversample, tol, max_iter, generator, cost_model: see :func:`topk_svd`.
     Returns:
         ``Uh (..., m, n1, k)``, ``Sh (..., m, k)`` real descending, ``Vh (..., m, n2, k)``
@@ -784,6 +866,14 @@ def hat_topk_svd(xh: torch.Tensor, k: int, tr: Transform, n3: int, *,
     nyq = n3 % 2 == 0 and n3 > 1
     ridx = [0] + ([m - 1] if nyq else [])
     lo, hi = 1, (m - 1 if nyq else m)
+    if _merge_real(xh, m, len(ridx)):
+        real = torch.zeros(xh.shape[:-2], dtype=torch.bool)
+        real[..., ridx] = True
+        u, s, v, info = topk_svd(xh, k, real=real, **kw)
+        for t in (u, v):                # exactly real already; drop the zero imaginary part
+            t[..., ridx, :, :] = t[..., ridx, :, :].real.to(t.dtype)
+        _LAST_INFO = dict(info, parts=[info])
+        return u, s, v
     parts = []
     ur, sr, vr, info = topk_svd(xh[..., ridx, :, :].real, k, **kw)    # real slices
     parts.append(info)
