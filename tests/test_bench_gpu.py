@@ -280,7 +280,8 @@ def test_tsvd_profile_runs_on_cpu_with_op_counts():
                         "--profile-shape", "none", "--count-ops"],
                        capture_output=True, text=True, env=_env(), timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    for name in ("auto ", "auto, real separate", "randomized tol 1e-4", "full"):
+    for name in ("auto ", "auto, real separate", "auto, 8 host threads", "randomized tol 1e-4",
+                 "full"):
         assert re.search(rf"6x400x300 {re.escape(name)}.* ms ", r.stdout), (name, r.stdout)
     m = re.search(r"6x400x300  separate (\d+) ops, it (\d+); merged (\d+) ops, it (\d+)", r.stdout)
     assert m, r.stdout

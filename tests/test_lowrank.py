@@ -311,6 +311,28 @@ def test_real_slices_merged_fallback_and_bad_input(monkeypatch):
         _lowrank.hat_topk_svd(x, k, get_transform("fft"), 8)
 
 
+@pytest.mark.parametrize("small_linalg", ["device", "host"])
+def test_host_threads_give_identical_results(small_linalg, monkeypatch):
+    """HOST_THREADS > 1 splits the small eigenproblems over a thread pool: the same LAPACK
+    call per matrix, so the same triplets bit for bit; a bad setting is refused up front."""
+    monkeypatch.setattr(_lowrank, "SMALL_LINALG", small_linalg)
+    x = decaying((7,), 120, 80, cplx=True, seed=2).to(torch.complex64)
+    monkeypatch.setattr(_lowrank, "HOST_THREADS", "1")
+    one = _lowrank.topk_svd(x, 4, tol=1e-5, cost_model=False)
+    monkeypatch.setattr(_lowrank, "_POOL", None)
+    assert _lowrank._POOL is None
+    monkeypatch.setattr(_lowrank, "HOST_THREADS", "3")
+    three = _lowrank.topk_svd(x, 4, tol=1e-5, cost_model=False)
+    assert _lowrank._POOL is not None and _lowrank._POOL._max_workers == 3     # it did split
+    assert one[3]["iterations"] > 1
+    for a, b in zip(one[:3], three[:3]):
+        assert torch.equal(a, b)
+    for bad in ("0", "two", True):
+        monkeypatch.setattr(_lowrank, "HOST_THREADS", bad)
+        with pytest.raises(ValueError, match="HOST_THREADS"):
+            _lowrank.topk_svd(x, 4, cost_model=False)
+
+
 def test_public_eckart_young_fft_float64_optimum():
     """‖X - X_k‖_F equals the float64 optimum sqrt((1/n3) Σ_f Σ_{i>k} σ_i(X̂_f)²)."""
     n3, k = 6, 5

@@ -82,6 +82,9 @@ convergence rate predicts that it will not meet tol within the budget.)
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 from .transforms import Transform
@@ -147,6 +150,16 @@ ALGORITHM = "krylov"
 #: products dominate: merging would add a third to them at n3 = 12). Either way the real
 #: slices' singular vectors are real.
 REAL_SLICES = "auto"
+#: threads over which the small batched eigenproblems on the CPU (a block step's ``L x L``
+#: and ``r x r`` ones) are split, each thread a share of the matrices on one core (torch
+#: solves a batch one matrix after another on one thread); same results bit for bit. 1
+#: (default, or the environment's ``TSVD_HOST_THREADS``): no split. Measured on the 2-core VM
+#: (MKL, torch 2.13, 2026-12-04, machine otherwise idle): two threads took 0.6-1.2x the time
+#: of one on batches of 25-150 matrices of 16-64 rows, too uneven to make it the default; on
+#: a many-core GPU host, where the t-SVD waits on these (about a third of its host time on
+#: an H200's host), ``bench/tsvd_profile.py`` times 8 beside 1.
+HOST_THREADS = os.environ.get("TSVD_HOST_THREADS", "1")
+_POOL: ThreadPoolExecutor | None = None
 
 
 def last_info() -> dict:
@@ -292,8 +305,8 @@ def contract_bounds(sig: torch.Tensor, rn: torch.Tensor, k: int,
         if host:
             m_ev, m_cn = m_ev.cpu(), m_cn.cpu()
         with _one_thread():
-            ev = torch.linalg.eigvalsh(m_ev).flip(-1).clamp_min(0)  # (a, J, l)
-            cn = torch.linalg.eigvalsh(m_cn)[..., -1].clamp_min(0)  # (a, J)
+            ev = _split(torch.linalg.eigvalsh, m_ev).flip(-1).clamp_min(0)  # (a, J, l)
+            cn = _split(torch.linalg.eigvalsh, m_cn)[..., -1].clamp_min(0)  # (a, J)
         ev, cn = ev.to(sig.device), cn.to(sig.device)
         if ev.shape[-1] < k:                                 # factor with r < k rows
             ev = torch.nn.functional.pad(ev, (0, k - ev.shape[-1]))
@@ -340,6 +353,44 @@ def _normalised(sig, th, k, bi, sum_a):
     s1 = sig[:, 0]
     est_b = torch.where(db > 0, db / s1.clamp_min(tiny), torch.zeros_like(db))
     return est_a, est_b
+
+
+def _host_threads() -> int:
+    val = HOST_THREADS
+    try:
+        n = int(val)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1 or isinstance(val, bool):
+        raise ValueError(f"tsvd._lowrank.HOST_THREADS (environment TSVD_HOST_THREADS): expected "
+                         f"an integer >= 1, got {val!r}")
+    return n
+
+
+def _forget_pool():
+    global _POOL
+    _POOL = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)     # a forked child starts its own pool
+
+
+def _split(fn, x):
+    """``fn(x)`` for a batched ``torch.linalg`` function of ``x (..., L, L)``; on the CPU
+    with :data:`HOST_THREADS` > 1 the matrices are split into that many shares, solved in
+    a thread pool and joined (a tensor, or a plain tuple for several outputs)."""
+    global _POOL
+    n = _host_threads()
+    if n < 2 or x.device.type != "cpu" or x.dim() < 3 or x.shape[:-2].numel() < 2:
+        return fn(x)
+    lead = x.shape[:-2]
+    xf = x.reshape(-1, *x.shape[-2:])
+    if _POOL is None or _POOL._max_workers < n:
+        _POOL = ThreadPoolExecutor(n, thread_name_prefix="tsvd-small-linalg")
+    parts = list(_POOL.map(fn, xf.tensor_split(min(n, xf.shape[0]))))
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts).reshape(*lead, *parts[0].shape[1:])
+    return tuple(torch.cat(p).reshape(*lead, *p[0].shape[1:]) for p in zip(*parts))
 
 
 class _one_thread:
@@ -453,12 +504,12 @@ def _eigh(g, real=None):
     computed in real arithmetic (exactly real, whatever the LAPACK in use does with a complex
     matrix that happens to be real)."""
     if real is None or not g.is_complex() or not bool(real.any()):
-        return torch.linalg.eigh(g)
+        return _split(torch.linalg.eigh, g)
     th = torch.empty(g.shape[:-1], dtype=_real_dtype(g.dtype), device=g.device)
     W = torch.empty_like(g)
     for sel, gs in ((real, g[real].real), (~real, g[~real])):
         if gs.shape[0]:
-            t, w = torch.linalg.eigh(gs)
+            t, w = _split(torch.linalg.eigh, gs)
             th[sel], W[sel] = t, w.to(g.dtype)
     return th, W
 
@@ -549,7 +600,7 @@ def _krylov(xb, k, b, tol, budget, generator, host, need_grad, extra=0, real=Non
         gh, yy = (0.5 * (G + G.mH)).to(sdev), (0.5 * (yy + yy.mH)).to(sdev)
         with _one_thread():
             th, W = _eigh(gh, None if real is None else real.to(sdev)[idx])
-            lam, E = torch.linalg.eigh(yy)
+            lam, E = _split(torch.linalg.eigh, yy)
         th, W = th.flip(-1).clamp_min(0), W.flip(-1)                       # on sdev
         lam = lam.clamp_min(0)
         Wd = W.to(dev)                                                     # W on x's device
@@ -557,7 +608,18 @@ def _krylov(xb, k, b, tol, budget, generator, host, need_grad, extra=0, real=Non
         F = lam.sqrt()[..., None].to(hdt) * (E.mH @ W[:, -y.shape[-1]:, :])   # (a, b, L)
         rho = torch.linalg.vector_norm(F, dim=-2)                          # ‖σ̂_m res_m‖
         rn = torch.where(sig > 0, rho / sig.clamp_min(torch.finfo(sig.dtype).tiny), rho.sqrt())
-        est_a, est_b = contract_bounds(sig, rn, k, factor=F)
+        # the cheap trace form for all; the sharp one (eigenvalues of r x r matrices per
+        # split) where the cheap one is within SHARP_WITHIN of tol: the sharp form is at
+        # most a few times smaller, so a slice far from tol cannot be accepted by it (the
+        # UNETR stacks: the first of their three steps skips it)
+        est_a, est_b = contract_bounds(sig, rn, k)
+        sharp = torch.maximum(est_a, est_b) <= SHARP_WITHIN * tol
+        if bool(sharp.all()):
+            est_a, est_b = contract_bounds(sig, rn, k, factor=F)
+        elif bool(sharp.any()):
+            sa, sb = contract_bounds(sig[sharp], rn[sharp], k, factor=F[sharp])
+            est_a[sharp] = torch.minimum(est_a[sharp], sa)
+            est_b[sharp] = torch.minimum(est_b[sharp], sb)
         est_a, est_b = est_a.clamp_min(floor), est_b.clamp_min(floor)
         est = torch.maximum(est_a, est_b)
         ok = est <= tol
@@ -683,6 +745,7 @@ def topk_svd(x: torch.Tensor, k: int, *, oversample: int | None = None,
     xb = x.detach().reshape(-1, n1, n2)
     nb = xb.shape[0]
     host = _small_on_host(x.device)
+    _host_threads()                                     # a bad HOST_THREADS fails here
     if cost_model:
         use_iter, budget = plan(n1, n2, k, l, dt.is_complex, max_iter, algorithm)
     else:
