@@ -258,8 +258,10 @@ def _contract(u, s, v, x, k):
 
 
 @pytest.mark.parametrize("small_linalg", ["device", "host"])
-@pytest.mark.parametrize("n3,n1,n2", [(6, 90, 60), (5, 60, 90), (12, 120, 80)])
-def test_real_slices_merged_into_the_complex_batch(n3, n1, n2, small_linalg, monkeypatch):
+@pytest.mark.parametrize("n3,n1,n2,batch", [(6, 90, 60, ()), (5, 60, 90, ()),
+                                             (12, 120, 80, ()), (6, 70, 50, (2,))])
+def test_real_slices_merged_into_the_complex_batch(n3, n1, n2, batch, small_linalg,
+                                                   monkeypatch):
     """REAL_SLICES "merged" (what CUDA tensors use): the FFT's DC (and Nyquist) slices
     iterate in the complex slices' batch from a real start with real eigenproblems. Their
     triplets come out of ``topk_svd(real=...)`` with imaginary part exactly 0, one block
@@ -267,15 +269,16 @@ def test_real_slices_merged_into_the_complex_batch(n3, n1, n2, small_linalg, mon
     monkeypatch.setattr(_lowrank, "SMALL_LINALG", small_linalg)
     k, tol = 4, 1e-4
     tr = get_transform("fft")
-    xh = tr.forward(tensor_decaying(n3, n1, n2, seed=n3).float())
+    xh = tr.forward(tensor_decaying(n3, n1, n2, batch=batch, seed=n3).float())
     m = xh.shape[-3]
-    real = torch.zeros(m, dtype=torch.bool)
-    real[0] = True
-    real[m - 1] |= n3 % 2 == 0
+    real = torch.zeros(xh.shape[:-2], dtype=torch.bool)
+    real[..., 0] = True
+    real[..., m - 1] |= n3 % 2 == 0
     u, s, v, info = _lowrank.topk_svd(xh, k, tol=tol, cost_model=False, real=real)
     assert info["iterations"] > 0 and info["fallback"] == 0
     assert float(u[real].imag.abs().max()) == 0.0 and float(v[real].imag.abs().max()) == 0.0
-    a, b = _contract(u, s, v, xh, k)
+    flat = (lambda t: t.reshape(-1, *t.shape[len(batch) + 1:]))
+    a, b = _contract(*map(flat, (u, s, v, xh)), k)
     assert (a <= tol).all() and (b <= tol).all(), (a, b)
 
     monkeypatch.setattr(_lowrank, "REAL_SLICES", "merged")
@@ -285,7 +288,7 @@ def test_real_slices_merged_into_the_complex_batch(n3, n1, n2, small_linalg, mon
     _lowrank.hat_topk_svd(xh, k, tr, n3, tol=tol, cost_model=False)
     assert len(_lowrank.last_info()["parts"]) == 2
     assert float(uh[real].imag.abs().max()) == 0.0 and float(vh[real].imag.abs().max()) == 0.0
-    a, b = _contract(uh, sh, vh, xh, k)
+    a, b = _contract(*map(flat, (uh, sh, vh, xh)), k)
     assert (a <= tol).all() and (b <= tol).all(), (a, b)
 
 
