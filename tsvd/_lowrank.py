@@ -111,16 +111,21 @@ SHARP_WITHIN = 100.0
 #: 12x3072x768 (3.0); bench/results/cpu_2core_topk_2026-12-04/quick_run4.log. (An earlier
 #: value, 5.5, came from a loaded machine, where the LAPACK SVD slows far more than matmul.)
 FULL_SVD_COST = 3.0
-#: where the small dense factorisations of each iteration run: the Rayleigh-Ritz SVD of the
-#: projected ``B (a, l, n2)`` and the ``l x l`` eigenvalue problems of the bounds. "device":
-#: on x's device (B's SVD directly); "host": B = Rᴴ Q_Bᴴ by CholeskyQR2 on x's device, then the
-#: SVD of the ``l x l`` Rᴴ and the bounds' eigenvalues on the CPU (the same factorisation up to
-#: rounding: Rᴴ = B Q_B has B's singular values and left vectors, the right ones are Q_B Z).
-#: "auto" (default): "host" for CUDA tensors, "device" otherwise. Why: on an H200 (torch 2.11,
-#: 2026-12-04, bench/results/h200_torch2.11_2026-12-04_v2/gpu_check.log, bench/tsvd_profile.py)
-#: a t-SVD of 48x768x768 at k = 8 took 240 ms, of which cuSOLVER's batched SVD of B (complex128,
-#: 48 x 768 per slice) was 113 ms of device time and the bounds' eigvalsh 69 ms. The "host"
-#: path has not been timed on a GPU yet.
+#: where the small dense factorisations of each iteration run. "device": on x's device.
+#: "host": on the CPU, with x's device running only the products with X and the basis:
+#: block Krylov's ``L x L`` and ``r x r`` eigenproblems, bounds and per-slice decisions;
+#: CholeskyQR2's ``l x l`` Cholesky factors and inverses (:func:`_orth`); the final QR of
+#: the accepted slices' V; subspace iteration's Rayleigh-Ritz SVD of the projected
+#: ``B (a, l, n2)`` as B = Rᴴ Q_Bᴴ (CholeskyQR2) and the SVD of the ``l x l`` Rᴴ (the same
+#: factorisation up to rounding: Rᴴ = B Q_B has B's singular values and left vectors, the
+#: right ones are Q_B Z). "auto" (default): "host" for CUDA tensors, "device" otherwise. Why:
+#: on an H200 (torch 2.11, 2026-12-04, bench/results/h200_torch2.11_2026-12-04_v2/
+#: gpu_check.log, bench/tsvd_profile.py) a t-SVD of 48x768x768 at k = 8 by subspace
+#: iteration took 240 ms, of which cuSOLVER's batched SVD of B (complex128, 48 x 768 per
+#: slice) was 113 ms of device time and the bounds' eigvalsh 69 ms; block Krylov with the
+#: eigenproblems on the host took 59.5 ms there (bench/results/h200_torch2.11_2026-12-04c/),
+#: bound by the host's launches. The CholeskyQR2 and QR parts moved to the host after that
+#: run and are untimed on a GPU.
 SMALL_LINALG = "auto"
 #: block Krylov's cost model (:func:`plan`), in units of a product of X with one column.
 #: Measured on the 2-core CPU (torch 2.13, 2 threads, 23 complex64 slices of 768 x 768,
