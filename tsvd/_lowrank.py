@@ -490,15 +490,7 @@ def _full(x, k, real=None):
     ``(a,)`` bool mask of matrices of a complex x whose entries are real: those are
     decomposed in real arithmetic, so that their singular vectors are real."""
     if real is not None and x.is_complex() and bool(real.any()):
-        real = real.to(x.device)
-        U = x.new_empty(*x.shape[:-1], k)
-        S = torch.empty(*x.shape[:-2], k, dtype=_real_dtype(x.dtype), device=x.device)
-        V = x.new_empty(x.shape[0], x.shape[-1], k)
-        for sel, xs in ((real, x[real].real), (~real, x[~real])):
-            if xs.shape[0]:
-                u, s, v = _full(xs, k)
-                U[sel], S[sel], V[sel] = u.to(x.dtype), s, v.to(x.dtype)
-        return U, S, V
+        return _by_realness(lambda xs: _full(xs, k), x, real.to(x.device))
     u, s, vh = torch.linalg.svd(x, full_matrices=False)
     return u[..., :k], s[..., :k], vh[..., :k, :].mH
 
@@ -510,13 +502,26 @@ def _eigh(g, real=None):
     matrix that happens to be real)."""
     if real is None or not g.is_complex() or not bool(real.any()):
         return _split(torch.linalg.eigh, g)
-    th = torch.empty(g.shape[:-1], dtype=_real_dtype(g.dtype), device=g.device)
-    W = torch.empty_like(g)
-    for sel, gs in ((real, g[real].real), (~real, g[~real])):
-        if gs.shape[0]:
-            t, w = _split(torch.linalg.eigh, gs)
-            th[sel], W[sel] = t, w.to(g.dtype)
-    return th, W
+    return _by_realness(lambda gs: _split(torch.linalg.eigh, gs), g, real)
+
+
+def _by_realness(fn, x, real):
+    """``fn`` (a batched factorisation returning a tuple) on the matrices of a complex
+    ``x (a, n, m)`` in two groups: those marked in the ``(a,)`` bool ``real`` (x's device), as
+    real matrices (x's real part), and the others. The outputs are joined in x's order; an
+    output with x's number of dims (singular or eigen vectors) comes back in x's dtype."""
+    outs = None
+    for sel, xs in ((real, x[real].real), (~real, x[~real])):
+        if not xs.shape[0]:
+            continue
+        res = fn(xs)
+        if outs is None:
+            outs = tuple(torch.empty(x.shape[0], *t.shape[1:], device=x.device,
+                                     dtype=x.dtype if t.dim() == x.dim() else t.dtype)
+                         for t in res)
+        for o, t in zip(outs, res):
+            o[sel] = t.to(o.dtype)
+    return outs
 
 
 def _rounding_floor(dt, n: int) -> float:
