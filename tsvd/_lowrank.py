@@ -159,7 +159,7 @@ REAL_SLICES = "auto"
 #: and ``r x r`` ones) are split, each thread a share of the matrices on one core (torch
 #: solves a batch one matrix after another on one thread); same results bit for bit. 1
 #: (default, or the environment's ``TSVD_HOST_THREADS``): no split. Measured on the 2-core VM
-#: (MKL, torch 2.13, 2026-12-04, machine otherwise idle): two threads took 0.6-1.2x the time
+#: (MKL, torch 2.13, 2026-12-04, machine otherwise idle): two threads took 0.55-1.45x the time
 #: of one on batches of 25-150 matrices of 16-64 rows, too uneven to make it the default; on
 #: a many-core GPU host, where the t-SVD waits on these (about a third of its host time on
 #: an H200's host), ``bench/tsvd_profile.py`` times 8 beside 1.
